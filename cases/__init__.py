@@ -1,0 +1,1 @@
+"""Declarative cases: one module per claim, each exposing CASES."""

@@ -1,0 +1,108 @@
+"""Properties: functions from a case's tidy results to a Verdict. Constructors here return
+`Property` objects for case tables; `evaluate` turns a case's results into verdict rows.
+
+A NaN measurement never passes (a property that cannot be measured has not been shown).
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from harness.spec import Case, Property, Verdict
+
+VERDICT_COLUMNS = ["case", "claim", "property", "measured", "expected", "tolerance", "passed",
+                   "negative", "ok", "source", "detail"]
+
+
+def _select(results: pd.DataFrame, metric: str, arms: tuple[str, ...] | None,
+            steps: tuple[int, int | None]) -> pd.DataFrame:
+    sel = results[results.metric == metric]
+    if arms is not None:
+        sel = sel[sel.arm.isin(arms)]
+    lo, hi = steps
+    sel = sel[sel.step >= lo]
+    if hi is not None:
+        sel = sel[sel.step <= hi]
+    return sel
+
+
+def _worst(values: pd.Series, highest: bool) -> float:
+    if values.empty:
+        return math.nan
+    if values.isna().any():
+        return math.nan
+    return float(values.max() if highest else values.min())
+
+
+def max_below(metric: str, below: float, *, source: str, arms: tuple[str, ...] | None = None,
+              steps: tuple[int, int | None] = (1, None), name: str | None = None) -> Property:
+    """The largest value of `metric` (over arms, seeds and steps in range) stays below `below`."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        sel = _select(results, metric, arms, steps)
+        measured = _worst(sel.value, highest=True)
+        return Verdict(measured, f"max {metric} < {below:.3g}", below,
+                       bool(measured < below), detail=f"{len(sel)} values, steps {steps[0]}..{steps[1] or 'end'}")
+    return Property(name or f"max_{metric}", check, source)
+
+
+def min_above(metric: str, above: float, *, source: str, arms: tuple[str, ...] | None = None,
+              steps: tuple[int, int | None] = (1, None), name: str | None = None) -> Property:
+    """The smallest value of `metric` in range stays above `above` (e.g. a gap that must open)."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        sel = _select(results, metric, arms, steps)
+        measured = _worst(sel.value, highest=False)
+        return Verdict(measured, f"min {metric} > {above:.3g}", above,
+                       bool(measured > above), detail=f"{len(sel)} values, steps {steps[0]}..{steps[1] or 'end'}")
+    return Property(name or f"min_{metric}", check, source)
+
+
+def norm_ratio_follows_scale(arm: str, rtol: float, *, source: str) -> Property:
+    """‖θ̃_t‖/‖θ_t‖ (arm vs the reference arm, SI weights) equals the schedule's c_t to `rtol`."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        norms = results[results.metric == "si_norm"].pivot_table(
+            index=["seed", "step"], columns="arm", values="value")
+        pred = results[(results.metric == "predicted_scale") & (results.arm == arm)].set_index(
+            ["seed", "step"]).value
+        if norms.empty or pred.empty or arm not in norms or case.reference not in norms:
+            return Verdict(math.nan, f"|ratio/c_t − 1| < {rtol:.3g}", rtol, False,
+                           detail="needs the si_norm measurement and a schedule with weight_scale")
+        err = (norms[arm] / norms[case.reference] / pred - 1).abs()
+        measured = _worst(err.dropna(), highest=True)
+        return Verdict(measured, f"max |‖θ̃‖/‖θ‖ / c_t − 1| < {rtol:.3g}", rtol, bool(measured < rtol),
+                       detail=f"{len(err)} steps")
+    return Property("si_norm_ratio", check, source)
+
+
+def within_roundoff_floor(metric: str, arm: str, twin: str, factor: float, floor: float, *,
+                          source: str) -> Property:
+    """For chaotic dynamics, where float64 roundoff itself grows exponentially: the arm's gap to
+    the reference stays within `factor` × the gap of a `twin` of the reference started from a
+    ~1-ulp perturbation (or `floor`, whichever is larger), at every step and seed."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        gaps = results[results.metric == metric].pivot_table(index=["seed", "step"], columns="arm",
+                                                             values="value")
+        if gaps.empty or arm not in gaps or twin not in gaps:
+            return Verdict(math.nan, f"{metric}[{arm}] / max({floor:.0e}, {metric}[{twin}]) < {factor:g}",
+                           factor, False, detail=f"needs {metric} rows for arms {arm!r} and {twin!r}")
+        ratio = gaps[arm] / gaps[twin].clip(lower=floor)
+        measured = _worst(ratio, highest=True)
+        return Verdict(measured, f"max {metric}[{arm}] / max({floor:.0e}, {metric}[{twin}]) < {factor:g}",
+                       factor, bool(measured < factor),
+                       detail=f"{len(ratio)} steps; worst {arm} gap {gaps[arm].max():.3g}, "
+                              f"worst {twin} gap {gaps[twin].max():.3g}")
+    return Property(f"{metric}_within_roundoff_floor", check, source)
+
+
+def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for prop in case.properties:
+        v = prop.check(results, case)
+        # A negative control is ok when its property fails as intended.
+        ok = (not v.passed) if case.negative else v.passed
+        if case.negative and math.isnan(v.measured):
+            ok = False  # an unmeasured property does not count as the intended failure
+        rows.append(dict(case=case.id, claim=case.claim, property=prop.name, measured=v.measured,
+                         expected=v.expected, tolerance=v.tolerance, passed=v.passed,
+                         negative=case.negative, ok=ok, source=prop.source, detail=v.detail))
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)

@@ -1,0 +1,105 @@
+"""Data sources, by registry name. A source serves the batch sequence of one seed: every arm of a
+case gets the same batch at the same step because the runner draws it once per step.
+
+Randomness comes only from the generators handed in (the data stream for sampling, the
+augmentation stream for crops/flips), never from torch's global RNG.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class TensorSource:
+    """Batches sampled without replacement, reshuffled each epoch, from tensors on the device."""
+
+    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, *, batch_size: int,
+                 gen: torch.Generator, aug_gen: torch.Generator | None = None, augment: bool = False,
+                 test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None):
+        if not 1 <= batch_size <= len(train_x):
+            raise ValueError(f"batch_size must be in [1, {len(train_x)}] (the training set size), "
+                             f"got {batch_size}")
+        self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
+        self.batch_size, self.gen, self.aug_gen, self.augment = batch_size, gen, aug_gen, augment
+        self.steps_per_epoch = len(train_x) // batch_size
+        self._order: torch.Tensor | None = None
+        self._pos = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._order is None or self._pos + self.batch_size > len(self._order):
+            self._order = torch.randperm(len(self.train_x), generator=self.gen).to(self.train_x.device)
+            self._pos = 0
+        idx = self._order[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        x = self.train_x[idx]
+        if self.augment:
+            x = crop_flip(x, self.aug_gen)
+        return x, self.train_y[idx]
+
+    def probe(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """A fixed batch from the training set, on its own stream (probing never shifts the data)."""
+        idx = torch.randperm(len(self.train_x), generator=gen)[:n].to(self.train_x.device)
+        return self.train_x[idx]
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, vectorized over the batch (NCHW)."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n × h
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n × w
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def gaussian_mixture(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
+                     device: torch.device, smoke: bool, n: int = 512, shape: tuple[int, ...] = (20,),
+                     classes: int = 5, separation: float = 1.0, batch_size: int = 32) -> TensorSource:
+    """Class means ~ N(0, separation²·I), unit Gaussian noise. Drawn on the data stream."""
+    if smoke:
+        n = min(n, 4 * batch_size)
+    means = separation * torch.randn((classes, *shape), generator=gen, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = means[y] + torch.randn((n, *shape), generator=gen, dtype=torch.float64)
+    return TensorSource(x.to(device, dtype), y.to(device), batch_size=batch_size, gen=gen)
+
+
+def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
+            device: torch.device, smoke: bool, batch_size: int = 128, per_class: int | None = None,
+            test_per_class: int | None = None, augment: bool = True, subset_seed: int = 0,
+            data_root: str | None = None, smoke_per_class: int = 8) -> TensorSource:
+    """CIFAR-10 through the data layer (harness.cifar); subsets are class-balanced and fixed by
+    `subset_seed`, not by the run's seed, so every seed sees the same images."""
+    from harness import cifar
+
+    arrays = cifar.load_cifar10(data_root)
+    if smoke:
+        per_class = min(per_class or smoke_per_class, smoke_per_class)
+        test_per_class = min(test_per_class or smoke_per_class, smoke_per_class)
+        batch_size = min(batch_size, per_class * 10)
+    tr = (cifar.balanced_subset(arrays.train_y, per_class, subset_seed) if per_class
+          else slice(None))
+    te = (cifar.balanced_subset(arrays.test_y, test_per_class, subset_seed) if test_per_class
+          else slice(None))
+    train_x, train_y = cifar.to_tensors(arrays.train_x[tr], arrays.train_y[tr], device=device, dtype=dtype)
+    test_x, test_y = cifar.to_tensors(arrays.test_x[te], arrays.test_y[te], device=device, dtype=dtype)
+    return TensorSource(train_x, train_y, batch_size=batch_size, gen=gen, aug_gen=aug_gen,
+                        augment=augment, test_x=test_x, test_y=test_y)
+
+
+SOURCES: dict[str, Callable[..., TensorSource]] = {
+    "gaussian_mixture": gaussian_mixture,
+    "cifar10": cifar10,
+}
+
+
+def build_source(name: str, kwargs: dict, **injected) -> TensorSource:
+    if name not in SOURCES:
+        raise ValueError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
+    return SOURCES[name](**injected, **kwargs)

@@ -1,0 +1,112 @@
+"""The system under test: optimizer factories with torch.optim.SGD's signature.
+
+A factory is called as `Factory(param_groups, lr=…, momentum=…, weight_decay=…)`; the harness then
+changes the LR only through `param_groups[i]['lr']`. Each group also carries its own 'lr',
+'momentum' and 'weight_decay', as torch.optim.SGD groups do.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+
+DEFAULT_OPTIMIZER = "torch.optim:SGD"
+
+
+class OptimizerSpecError(ValueError):
+    pass
+
+
+def load_factory(spec: str) -> Callable[..., torch.optim.Optimizer]:
+    """Resolve 'pkg.module:Name' (a class or a factory function)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise OptimizerSpecError(f"--optimizer must look like 'pkg.module:Name', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise OptimizerSpecError(f"--optimizer {spec}: cannot import module {module_name!r} ({exc})") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise OptimizerSpecError(f"--optimizer {spec}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise OptimizerSpecError(f"--optimizer {spec}: {attr!r} is not callable")
+    return obj
+
+
+def make_optimizer(factory: Callable, spec: str, groups: list[dict]) -> torch.optim.Optimizer:
+    first = groups[0]
+    try:
+        opt = factory(groups, lr=first["lr"], momentum=first["momentum"], weight_decay=first["weight_decay"])
+    except TypeError as exc:
+        raise OptimizerSpecError(
+            f"optimizer {spec} must accept (params, lr=, momentum=, weight_decay=) like "
+            f"torch.optim.SGD: {exc}") from exc
+    if not hasattr(opt, "param_groups") or not hasattr(opt, "step"):
+        raise OptimizerSpecError(f"optimizer {spec} returned {type(opt).__name__}, which has no "
+                                 f"param_groups/step: it must behave like a torch.optim.Optimizer")
+    return opt
+
+
+def supports_momentum_buffer_state(opt: torch.optim.Optimizer) -> bool:
+    """Whether seeding `state[p]['momentum_buffer']` before the first step is honoured."""
+    return isinstance(opt, torch.optim.SGD) or getattr(opt, "honours_momentum_buffer_state", False)
+
+
+# ---- implementations the harness ships (reference, switches, and a known non-conformer) ----
+
+class ReferenceSGD(torch.optim.Optimizer):
+    """Definition 1.2 of Li & Arora written out plainly, one tensor at a time:
+    v_t = γ v_{t−1} + g_t + λ θ_{t−1};  θ_t = θ_{t−1} − η v_t;  v_0 = 0 (or a seeded buffer)."""
+
+    honours_momentum_buffer_state = True
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad + group["weight_decay"] * p
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                    self.state[p]["momentum_buffer"] = buf
+                    d = buf
+                p.sub_(group["lr"] * d)
+
+
+class SGDW(torch.optim.Optimizer):
+    """SGD with decoupled weight decay (Loshchilov & Hutter): θ ← θ − η v_t − ηλ θ, with the decay
+    kept out of the momentum. Not Definition 1.2, so the WD ≡ exp-LR cases must reject it."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                    self.state[p]["momentum_buffer"] = buf
+                    d = buf
+                p.mul_(1 - group["lr"] * group["weight_decay"]).sub_(group["lr"] * d)
+
+
+def sgd_foreach(params, **kw) -> torch.optim.SGD:
+    return torch.optim.SGD(params, foreach=True, **kw)
+
+
+def sgd_forloop(params, **kw) -> torch.optim.SGD:
+    return torch.optim.SGD(params, foreach=False, **kw)

@@ -1,0 +1,177 @@
+"""Trains the arms of a case in lock-step: same initial weights, same batch at every step.
+
+Each seed splits into independent streams (init, data, probe, augmentation) so that adding a probe
+or an augmentation never shifts the batch sequence. Results come back as tidy rows.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from harness import measurements
+from harness.datasets import build_source
+from harness.models import build_model
+from harness.optim import (DEFAULT_OPTIMIZER, load_factory, make_optimizer,
+                           supports_momentum_buffer_state)
+from harness.spec import Arm, Case, Group
+
+RESULT_COLUMNS = ["case", "arm", "seed", "step", "metric", "value"]
+PROBE_SIZE = 64
+STREAMS = ("init", "data", "probe", "aug", "init_noise")
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss; the rows up to that step are kept."""
+
+    def __init__(self, case: str, arm: str, seed: int, step: int, value: float, rows: list):
+        super().__init__(f"case {case}: arm {arm!r} diverged at step {step} (seed {seed}, loss {value}); "
+                         f"lower the LR or check the schedule")
+        self.rows = rows
+
+
+class Unsupported(RuntimeError):
+    """The system under test lacks a capability the case needs (the case is skipped, not failed)."""
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    """What the harness injects into every case: never set by the case itself."""
+
+    device: str | None = None  # None: cpu for the cpu profile, cuda for the gpu profile
+    optimizer: str = DEFAULT_OPTIMIZER
+    dtype: str | None = None  # None: the case's default for its profile
+    smoke: bool = False
+    seeds: tuple[int, ...] | None = None
+    data_root: str | None = None
+
+    def device_for(self, case: Case) -> str:
+        return self.device or ("cpu" if case.profile == "cpu" else "cuda")
+
+    def dtype_for(self, case: Case) -> str:
+        return self.dtype or case.default_dtype()
+
+    def seeds_for(self, case: Case) -> tuple[int, ...]:
+        seeds = self.seeds or case.seeds
+        return seeds[:1] if self.smoke else seeds
+
+    def steps_for(self, case: Case) -> int:
+        return case.smoke_steps if self.smoke else case.steps
+
+
+def seed_streams(seed: int) -> dict[str, int]:
+    """Independent child seeds for each stream (numpy SeedSequence spawning)."""
+    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: int(ss.generate_state(1)[0]) for name, ss in zip(STREAMS, children)}
+
+
+def _generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+class ArmState:
+    def __init__(self, spec: Arm, model: nn.Module, factory, optimizer_spec: str, requires: tuple[str, ...]):
+        self.spec, self.model = spec, model
+        named = dict(model.named_parameters())
+        si_names = set(model.si_names)
+        self.si_params = [named[n] for n in model.si_names]
+        self.other_params = [p for n, p in named.items() if n not in si_names and p.requires_grad]
+        if spec.other is None:
+            for p in self.other_params:
+                p.requires_grad_(False)
+            self.other_params = []
+        self.groups: list[tuple[Group, list[nn.Parameter]]] = [(spec.si, self.si_params)]
+        if self.other_params:
+            self.groups.append((spec.other, self.other_params))
+        self.optimizer = make_optimizer(factory, optimizer_spec, [
+            dict(params=params, lr=g.lr(0), momentum=g.momentum,
+                 weight_decay=0.0 if g.decoupled else g.weight_decay)
+            for g, params in self.groups])
+        if "momentum_buffer_state" in requires and not supports_momentum_buffer_state(self.optimizer):
+            raise Unsupported(f"optimizer {optimizer_spec} does not expose torch.optim.SGD's "
+                              f"'momentum_buffer' state, which this case seeds before step 1")
+        for g, params in self.groups:
+            if g.initial_buffer:
+                for p in params:
+                    self.optimizer.state[p]["momentum_buffer"] = g.lr.initial_buffer(p.detach()).clone()
+        self.last_loss = float("nan")
+
+    def step(self, k: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        # The harness changes the LR only through param_groups[i]['lr'].
+        for i, (g, _) in enumerate(self.groups):
+            self.optimizer.param_groups[i]["lr"] = g.lr(k)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            for g, params in self.groups:
+                if g.decoupled and g.weight_decay:
+                    for p in params:
+                        p.mul_(1 - g.lr(k) * g.weight_decay)
+        self.optimizer.step()
+        self.last_loss = float(loss.detach())
+        return self.last_loss
+
+
+@torch.no_grad()
+def perturbed(model0: nn.Module, rel: float, gen: torch.Generator) -> nn.Module:
+    model = copy.deepcopy(model0)
+    if rel:
+        named = dict(model.named_parameters())
+        for n in model.si_names:
+            p = named[n]
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p)
+            p.add_(noise * (rel * p.norm() / noise.norm()))
+    return model
+
+
+def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
+    dtype = getattr(torch, env.dtype_for(case))
+    device = torch.device(env.device_for(case))
+    steps = env.steps_for(case)
+    streams = seed_streams(seed)
+    gens = {k: _generator(v) for k, v in streams.items()}
+
+    source = build_source(case.data[0], dict(case.data[1]), gen=gens["data"], aug_gen=gens["aug"],
+                          dtype=dtype, device=device, smoke=env.smoke)
+    model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],
+                         dtype=dtype, device=device)
+    factory = load_factory(env.optimizer)
+    arms = {a.name: ArmState(a, perturbed(model0, a.init_noise, gens["init_noise"]), factory,
+                             env.optimizer, case.requires)
+            for a in case.arms}
+    probe = source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"])
+    observers = [measurements.resolve(m) for m in case.measurements]
+    ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0)
+
+    rows: list[tuple] = []
+    for k in range(steps):
+        x, y = source.next_batch()
+        for name, arm in arms.items():
+            value = arm.step(k, x, y)
+            if not np.isfinite(value):
+                raise Diverged(case.id, name, seed, k + 1, value, rows)
+        ctx.t = k + 1
+        for metric_name, observe, every in observers:
+            if ctx.t % every == 0 or ctx.t == steps:
+                rows.extend((case.id, arm, seed, ctx.t, metric, value) for arm, metric, value in observe(ctx))
+    return rows
+
+
+def run_case(case: Case, env: RunEnv) -> pd.DataFrame:
+    rows: list[tuple] = []
+    for seed in env.seeds_for(case):
+        try:
+            rows.extend(run_seed(case, seed, env))
+        except Diverged as exc:
+            exc.rows = rows + exc.rows  # keep the earlier seeds' rows too
+            raise
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)

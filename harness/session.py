@@ -1,0 +1,61 @@
+"""One case, start to verdict: run it under the injected environment, catch what a user must be
+told about (missing capability, missing CUDA, divergence), and evaluate its properties."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from harness.checks import VERDICT_COLUMNS, evaluate
+from harness.runner import RESULT_COLUMNS, Diverged, RunEnv, Unsupported, run_case
+from harness.spec import Case
+
+STATUSES = ("ok", "fail", "error", "skipped", "smoke")
+
+
+@dataclass
+class Outcome:
+    case: Case
+    results: pd.DataFrame
+    verdicts: pd.DataFrame
+    status: str  # one of STATUSES
+    message: str = ""
+
+
+def cuda_missing(case: Case, env: RunEnv) -> bool:
+    import torch
+    return env.device_for(case).startswith("cuda") and not torch.cuda.is_available()
+
+
+def execute(case: Case, env: RunEnv) -> Outcome:
+    empty_results = pd.DataFrame(columns=RESULT_COLUMNS)
+    empty_verdicts = pd.DataFrame(columns=VERDICT_COLUMNS)
+    if cuda_missing(case, env):
+        return Outcome(case, empty_results, empty_verdicts, "skipped", "requires CUDA")
+    try:
+        results = run_case(case, env)
+    except Unsupported as exc:
+        return Outcome(case, empty_results, empty_verdicts, "skipped", str(exc))
+    except Diverged as exc:
+        verdicts = pd.DataFrame([dict(case=case.id, claim=case.claim, property=p.name, measured=math.nan,
+                                      expected="(run diverged)", tolerance=math.nan, passed=False,
+                                      negative=case.negative, ok=False, source=p.source, detail=str(exc))
+                                 for p in case.properties], columns=VERDICT_COLUMNS)
+        return Outcome(case, pd.DataFrame(exc.rows, columns=RESULT_COLUMNS), verdicts, "error", str(exc))
+    if env.smoke:
+        # Smoke proves the path runs: rows for every arm, all finite. It never gives a verdict.
+        arms = {a.name for a in case.arms}
+        if results.empty or set(results.arm) != arms or not np.isfinite(results.value.astype(float)).all():
+            return Outcome(case, results, empty_verdicts, "error",
+                           f"smoke run of {case.id} produced {len(results)} rows for arms "
+                           f"{sorted(set(results.arm))} (expected finite rows for {sorted(arms)})")
+        return Outcome(case, results, empty_verdicts, "smoke", f"{len(results)} rows")
+    verdicts = evaluate(case, results)
+    failed = verdicts[~verdicts.ok.astype(bool)]
+    if failed.empty:
+        return Outcome(case, results, verdicts, "ok")
+    msgs = [f"{r.property}: measured {r.measured:.3g}, expected {r.expected}"
+            + (" to FAIL (negative control)" if case.negative else "") for r in failed.itertuples()]
+    return Outcome(case, results, verdicts, "fail", "; ".join(msgs))

@@ -1,0 +1,166 @@
+"""Declarations: what a case is made of. Plain frozen data; nothing here trains or measures.
+
+A Case names its components (model, data, measurements) by registry key and holds numbers.
+It never sets the device, the optimizer implementation or the seeds' meaning: the harness
+injects those (see harness.runner.RunEnv).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+PROFILES = ("cpu", "gpu")
+DTYPES = ("float64", "float32")
+
+
+class CaseError(ValueError):
+    """A malformed case declaration. The message names the case and the field."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimizer parameter group: a learning-rate schedule and the coupled weight decay.
+
+    `lr` is a schedule (a pure function step -> value, see harness.schedules).
+    `decoupled=True` applies the decay as θ ← θ(1 − η_t λ) outside the optimizer (SGDW style)
+    instead of passing it as `weight_decay` (coupled, Definition 1.2 of Li & Arora).
+    `initial_buffer=True` seeds the momentum buffer from `lr.initial_buffer(θ0)` before step 1.
+    """
+
+    lr: Callable[[int], float]
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    decoupled: bool = False
+    initial_buffer: bool = False
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration of a case. `si` drives the scale-invariant weights; `other`
+    drives every other trainable parameter, or freezes them when None."""
+
+    name: str
+    si: Group
+    other: Group | None = None
+    # Relative size of a random perturbation of the initial SI weights (0: none). A "twin" arm of
+    # the reference with ~1e-15 measures how fast float64 roundoff is amplified by the dynamics.
+    init_noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class Property:
+    """A named check over a case's tidy results; `check(results, case)` returns a Verdict.
+
+    `source` says where the tolerance came from (a measurement, a paper); it is shown in reports.
+    """
+
+    name: str
+    check: Callable[..., "Verdict"]
+    source: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    measured: float
+    expected: str  # human-readable relation, e.g. "< 1e-09"
+    tolerance: float
+    passed: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    claim: str
+    profile: str
+    model: tuple[str, Mapping[str, Any]]
+    data: tuple[str, Mapping[str, Any]]
+    arms: tuple[Arm, ...]
+    steps: int
+    properties: tuple[Property, ...]
+    seeds: tuple[int, ...] = (0,)
+    measurements: tuple[str, ...] = ("train_gap", "si_norm", "loss")
+    # A negative control: the case passes when every property fails, as intended.
+    negative: bool = False
+    dtype: str | None = None  # None: the profile's default (cpu float64, gpu float32)
+    slow: bool = False
+    # Capabilities the system under test must have (e.g. "momentum_buffer_state").
+    requires: tuple[str, ...] = ()
+    # Steps used by `--smoke` (proves the code path; produces no verdict).
+    smoke_steps: int = 3
+    # Arms' results are compared against this arm (gaps, norm ratios).
+    reference_arm: str | None = None
+    description: str = ""
+    xfail: str | None = None  # reason (with measured numbers) why the claim does not reproduce here
+
+    @property
+    def reference(self) -> str:
+        return self.reference_arm or self.arms[0].name
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        marks = [self.profile]
+        if self.slow:
+            marks.append("slow")
+        if self.negative:
+            marks.append("negative")
+        return tuple(marks)
+
+    def default_dtype(self) -> str:
+        return self.dtype or ("float64" if self.profile == "cpu" else "float32")
+
+
+def validate(case: Any) -> Case:
+    """Reject a malformed case with a message naming the case and the field."""
+    name = getattr(case, "id", None) or "<case without id>"
+
+    def bad(fld: str, why: str) -> CaseError:
+        return CaseError(f"case {name!r}: field {fld!r}: {why}")
+
+    if not isinstance(case, Case):
+        raise bad("*", f"expected a harness.spec.Case, got {type(case).__name__}")
+    if not isinstance(case.id, str) or not case.id or any(c.isspace() for c in case.id):
+        raise bad("id", "must be a non-empty string without whitespace")
+    if not case.claim:
+        raise bad("claim", "must name the claim (e.g. 'li-arora-2020/thm2.1')")
+    if case.profile not in PROFILES:
+        raise bad("profile", f"must be one of {PROFILES}, got {case.profile!r}")
+    if case.dtype is not None and case.dtype not in DTYPES:
+        raise bad("dtype", f"must be one of {DTYPES} or None, got {case.dtype!r}")
+    for fld in ("model", "data"):
+        value = getattr(case, fld)
+        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+                and isinstance(value[1], Mapping)):
+            raise bad(fld, "must be a (registry_name, {kwargs}) pair")
+    if not isinstance(case.steps, int) or case.steps < 1:
+        raise bad("steps", f"must be a positive int, got {case.steps!r}")
+    if not isinstance(case.smoke_steps, int) or not 1 <= case.smoke_steps <= case.steps:
+        raise bad("smoke_steps", f"must be an int in [1, steps], got {case.smoke_steps!r}")
+    if not case.seeds or not all(isinstance(s, int) and s >= 0 for s in case.seeds):
+        raise bad("seeds", f"must be a non-empty tuple of non-negative ints, got {case.seeds!r}")
+    if not case.arms or not all(isinstance(a, Arm) for a in case.arms):
+        raise bad("arms", "must be a non-empty tuple of Arm")
+    names = [a.name for a in case.arms]
+    if len(set(names)) != len(names):
+        raise bad("arms", f"arm names must be unique, got {names}")
+    if case.reference_arm is not None and case.reference_arm not in names:
+        raise bad("reference_arm", f"{case.reference_arm!r} is not one of the arms {names}")
+    for arm in case.arms:
+        for label, group in (("si", arm.si), ("other", arm.other)):
+            if group is None:
+                if label == "si":
+                    raise bad(f"arms[{arm.name}].si", "the scale-invariant group is required")
+                continue
+            if not callable(group.lr):
+                raise bad(f"arms[{arm.name}].{label}.lr", "must be a schedule (callable step -> lr)")
+            if not (group.weight_decay >= 0 and 0 <= group.momentum < 1):
+                raise bad(f"arms[{arm.name}].{label}",
+                          "needs weight_decay >= 0 and momentum in [0, 1)")
+            if group.initial_buffer and not hasattr(group.lr, "initial_buffer"):
+                raise bad(f"arms[{arm.name}].{label}.initial_buffer",
+                          "the schedule provides no initial_buffer(θ0)")
+    if not case.properties or not all(isinstance(p, Property) for p in case.properties):
+        raise bad("properties", "must be a non-empty tuple of Property (a case must check something)")
+    if not all(p.source for p in case.properties):
+        raise bad("properties", "every property states where its tolerance came from (source)")
+    return case
