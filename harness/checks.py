@@ -94,6 +94,22 @@ def within_roundoff_floor(metric: str, arm: str, twin: str, factor: float, floor
     return Property(f"{metric}_within_roundoff_floor", check, source)
 
 
+def final_difference_below(metric: str, arm: str, tol: float, *, source: str, last: int = 3) -> Property:
+    """|mean of the last `last` measurements of `metric`, arm − reference| (median over seeds) < tol:
+    for statistical agreement where trajectories decorrelate (float32, eps > 0)."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        sel = results[results.metric == metric]
+        diffs = []
+        for _, grp in sel.groupby("seed"):
+            tails = {a: g.sort_values("step").value.tail(last).mean() for a, g in grp.groupby("arm")}
+            if arm in tails and case.reference in tails:
+                diffs.append(abs(tails[arm] - tails[case.reference]))
+        measured = float(pd.Series(diffs).median()) if diffs else math.nan
+        return Verdict(measured, f"|{metric}[{arm}] − {metric}[{case.reference}]| (last {last}) < {tol:g}",
+                       tol, bool(measured < tol), detail=f"{len(diffs)} seeds")
+    return Property(f"final_{metric}_difference", check, source)
+
+
 def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for prop in case.properties:

@@ -73,12 +73,12 @@ def gaussian_mixture(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: t
 def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
             device: torch.device, smoke: bool, batch_size: int = 128, per_class: int | None = None,
             test_per_class: int | None = None, augment: bool = True, subset_seed: int = 0,
-            data_root: str | None = None, smoke_per_class: int = 8) -> TensorSource:
+            smoke_per_class: int = 8) -> TensorSource:
     """CIFAR-10 through the data layer (harness.cifar); subsets are class-balanced and fixed by
     `subset_seed`, not by the run's seed, so every seed sees the same images."""
     from harness import cifar
 
-    arrays = cifar.load_cifar10(data_root)
+    arrays = cifar.load_cifar10()  # root from HARNESS_DATA (the CLI's --data sets it)
     if smoke:
         per_class = min(per_class or smoke_per_class, smoke_per_class)
         test_per_class = min(test_per_class or smoke_per_class, smoke_per_class)

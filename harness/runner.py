@@ -48,7 +48,6 @@ class RunEnv:
     dtype: str | None = None  # None: the case's default for its profile
     smoke: bool = False
     seeds: tuple[int, ...] | None = None
-    data_root: str | None = None
 
     def device_for(self, case: Case) -> str:
         return self.device or ("cpu" if case.profile == "cpu" else "cuda")
@@ -121,6 +120,15 @@ class ArmState:
         return self.last_loss
 
 
+def deterministic_cuda() -> None:
+    """Conformance runs are deterministic: no autotuning, deterministic kernels where torch has them."""
+    import os
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 @torch.no_grad()
 def perturbed(model0: nn.Module, rel: float, gen: torch.Generator) -> nn.Module:
     model = copy.deepcopy(model0)
@@ -140,6 +148,8 @@ def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
     streams = seed_streams(seed)
     gens = {k: _generator(v) for k, v in streams.items()}
 
+    if device.type == "cuda":
+        deterministic_cuda()
     source = build_source(case.data[0], dict(case.data[1]), gen=gens["data"], aug_gen=gens["aug"],
                           dtype=dtype, device=device, smoke=env.smoke)
     model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],

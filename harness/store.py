@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

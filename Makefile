@@ -1,0 +1,26 @@
+# The two commands of README.md. Each sets up .venv/ when missing (or when pyproject.toml changed)
+# and reuses it otherwise.
+PY := .venv/bin/python
+HARNESS_DATA ?= $(abspath ../shared/data)
+export HARNESS_DATA
+
+.PHONY: cpu test gpu-smoke clean-venv
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.14.1 / torchvision==0.29.1 (pinned in pyproject.toml) install from the local wheel cache.
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Main job: the CPU profile, its run directory under runs/ and the HTML report under reports/.
+cpu: .venv/.installed
+	$(PY) -m harness run --profile cpu --out runs/cpu-latest --html reports/cpu.html
+
+# Tests: engine tests and every CPU case (2 workers), then the GPU path dry-run on the CPU.
+test: .venv/.installed
+	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -q -m gpu --device cpu --smoke
+
+clean-venv:
+	rm -rf .venv
