@@ -19,8 +19,7 @@ cpu: .venv/.installed
 
 # Tests: engine tests and every CPU case (2 workers), then the GPU path dry-run on the CPU.
 test: .venv/.installed
-	$(PY) -m pytest -n 2 -q
-	$(PY) -m pytest -q -m gpu --device cpu --smoke
+	scripts/run-tests
 
 clean-venv:
 	rm -rf .venv
