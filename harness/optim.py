@@ -86,6 +86,8 @@ class SGDW(torch.optim.Optimizer):
     """SGD with decoupled weight decay (Loshchilov & Hutter): θ ← θ − η v_t − ηλ θ, with the decay
     kept out of the momentum. Not Definition 1.2, so the WD ≡ exp-LR cases must reject it."""
 
+    honours_momentum_buffer_state = True
+
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
