@@ -36,10 +36,17 @@ def _device(text: str) -> str:
     return text
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes exit 2 with a single line, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
+    p = OneLineErrors(prog="python -m harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
     ls = sub.add_parser("list", help="one case a line: id, claim, profile, markers")
     ls.add_argument("--profile", choices=("cpu", "gpu"))
@@ -82,9 +89,13 @@ def cmd_run(args) -> int:
 
     if not args.cases and not args.profile:
         raise BadInput("name cases to run, or pass --profile cpu|gpu (`python -m harness list` shows cases)")
-    cases = registry.select(args.cases or None, profile=args.profile, include_slow=args.include_slow)
-    if args.cases and args.profile:
-        cases = [c for c in cases if c.profile == args.profile] or cases
+    ids = list(dict.fromkeys(args.cases))  # a case named twice runs once
+    cases = registry.select(ids or None, profile=args.profile, include_slow=args.include_slow)
+    if ids and args.profile:
+        other = [c.id for c in cases if c.profile != args.profile]
+        if other:
+            raise BadInput(f"--profile {args.profile}: {', '.join(other)} belong to another profile; "
+                           f"drop --profile or those cases")
     optimizer = args.optimizer or DEFAULT_OPTIMIZER
     try:
         load_factory(optimizer)
@@ -98,9 +109,11 @@ def cmd_run(args) -> int:
                  seeds=args.seeds)
 
     run_dir = store.RunDir(args.out or store.default_run_dir(args.profile))
-    meta = store.metadata(profile=args.profile, device=args.device or "per profile (cpu / cuda)",
+    devices = sorted({env.device_for(c) for c in cases})
+    meta = store.metadata(profile=args.profile, device=",".join(devices) or "none",
                           dtype=args.dtype, optimizer=optimizer, smoke=args.smoke,
-                          seeds={c.id: list(env.seeds_for(c)) for c in cases})
+                          seeds={c.id: list(env.seeds_for(c)) for c in cases},
+                          command=["python", "-m", "harness", *args.argv])
     meta["status"] = "running"
     run_dir.write_metadata(meta)
     results, verdicts, statuses = [], [], {}
@@ -156,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     from harness.schedules import SettingError
     from harness.spec import CaseError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return {"list": cmd_list, "run": cmd_run, "report": cmd_report}[args.command](args)
     except (BadInput, UnknownCase, SettingError, CaseError, DataNotFound) as exc:

@@ -96,7 +96,7 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict) -> str:
             figs = [f for m, log in PLOTS.items() if (f := _plot(results, case_id, m, log))]
             if figs:
                 secs = cases_meta.get(case_id, {}).get("seconds")
-                parts.append(f"<h3>{_e(case_id)}" + (f" <small>({secs} s)</small>" if secs else "") + "</h3>")
+                parts.append(f"<h3>{_e(case_id)}" + (f" <small>({_e(secs)} s)</small>" if secs else "") + "</h3>")
                 parts.extend(figs)
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,14 +51,18 @@ def git_commit() -> str | None:
 
 
 def device_name(device: str) -> str:
+    """A readable name per device of a comma-separated list (e.g. 'cpu,cuda')."""
     import torch
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+    def one(d: str) -> str:
+        if d.startswith("cuda"):
+            return torch.cuda.get_device_name(torch.device(d)) if torch.cuda.is_available() else f"{d} (not available)"
+        return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return "; ".join(one(d) for d in device.split(","))
 
 
 def metadata(*, profile: str | None, device: str, dtype: str | None, optimizer: str,
-             seeds: dict[str, list[int]], smoke: bool) -> dict:
+             seeds: dict[str, list[int]], smoke: bool, command: list[str]) -> dict:
     import numpy
     import torch
     return {
@@ -72,7 +75,7 @@ def metadata(*, profile: str | None, device: str, dtype: str | None, optimizer: 
         "optimizer": optimizer,
         "seeds": seeds,
         "smoke": smoke,
-        "command": sys.argv,
+        "command": command,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "cuda": torch.version.cuda, "numpy": numpy.__version__, "pandas": pd.__version__},
     }
@@ -83,8 +86,8 @@ class RunDir:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
 
+    # Writers create the directory (atomic_write_text makes parents); reading never does.
     def write_metadata(self, meta: dict) -> None:
         atomic_write_text(self.path / "metadata.json", json.dumps(meta, indent=2, default=str) + "\n")
 

@@ -178,7 +178,7 @@ def test_run_metadata_is_complete_and_has_no_hostname(good_run, monkeypatch, tmp
     monkeypatch.setattr(socket, "gethostname", lambda: sentinel)
     monkeypatch.setattr(platform, "node", lambda: sentinel)
     meta2 = store.metadata(profile="cpu", device="cpu", dtype=None, optimizer="torch.optim:SGD",
-                           seeds={FAST: [0]}, smoke=False)
+                           seeds={FAST: [0]}, smoke=False, command=["x"])
     assert sentinel not in json.dumps(meta2, default=str)
 
 
@@ -232,8 +232,9 @@ def test_run_bad_value_exit_2(capsys, tmp_path, argv, pattern):
     out = tmp_path / "never"
     rc, stdout, err = run_cli(capsys, "run", FAST, *argv, "--out", out)
     assert rc == EXIT_BAD_INPUT
-    reason = one_line_reason(err)  # argparse prints usage first; the reason is the last line
-    assert reason.startswith("python -m harness run: error:"), err
+    reason = one_line_reason(err)
+    assert len(err.strip().splitlines()) == 1, err  # usage errors are one line too
+    assert reason.startswith("error:"), err
     assert re.search(pattern, reason), err
     assert not out.exists()
 
@@ -455,3 +456,30 @@ def test_gpu_case_without_cuda_is_skipped_not_failed(capsys, tmp_path):
     assert meta["cases"][GPU_CASE] == {"status": "skipped", "seconds": meta["cases"][GPU_CASE]["seconds"],
                                        "message": "requires CUDA"}
     assert meta["status"] == "finished"
+
+
+# ---- regressions found in review ------------------------------------------------------------------
+
+def test_case_seconds_from_metadata_are_escaped():
+    import pandas as pd
+    from harness import report
+    verdicts = pd.DataFrame([dict(case="c", claim="k", property="p", measured=1.0, expected="<1",
+                                  tolerance=1.0, passed=True, negative=False, ok=True, source="s", detail="")])
+    results = pd.DataFrame([dict(case="c", arm="a", seed=0, step=1, metric="loss", value=1.0)])
+    page = report.render(results, verdicts, {"cases": {"c": {"seconds": "<script>x</script>"}}})
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_reading_a_missing_run_dir_creates_nothing(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "report", tmp_path / "typo")
+    assert rc == EXIT_BAD_INPUT and not (tmp_path / "typo").exists()
+
+
+def test_metadata_records_the_cli_arguments_and_a_case_profile_mismatch_is_bad_input(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _, _ = run_cli(capsys, "run", FAST, FAST, "--seeds", "0", "--out", out)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert rc == 0 and meta["command"][:4] == ["python", "-m", "harness", "run"]
+    assert list(meta["cases"]) == [FAST] and meta["device"] == "cpu"
+    rc, _, err = run_cli(capsys, "run", FAST, "--profile", "gpu", "--out", tmp_path / "x")
+    assert rc == EXIT_BAD_INPUT and "another profile" in err
