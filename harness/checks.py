@@ -36,14 +36,32 @@ def _worst(values: pd.Series, highest: bool) -> float:
 
 
 def max_below(metric: str, below: float, *, source: str, arms: tuple[str, ...] | None = None,
-              steps: tuple[int, int | None] = (1, None), name: str | None = None) -> Property:
-    """The largest value of `metric` (over arms, seeds and steps in range) stays below `below`."""
+              steps: tuple[int, int | None] = (1, None), name: str | None = None,
+              inclusive: bool = False) -> Property:
+    """The largest value of `metric` (over arms, seeds and steps in range) stays below `below`
+    (`inclusive`: at most `below`, e.g. exactly 0 for bitwise equality)."""
+    rel = "<=" if inclusive else "<"
+
     def check(results: pd.DataFrame, case: Case) -> Verdict:
         sel = _select(results, metric, arms, steps)
         measured = _worst(sel.value, highest=True)
-        return Verdict(measured, f"max {metric} < {below:.3g}", below,
-                       bool(measured < below), detail=f"{len(sel)} values, steps {steps[0]}..{steps[1] or 'end'}")
+        held = measured <= below if inclusive else measured < below
+        return Verdict(measured, f"max {metric} {rel} {below:.3g}", below, bool(held),
+                       detail=f"{len(sel)} values, steps {steps[0]}..{steps[1] or 'end'}")
     return Property(name or f"max_{metric}", check, source)
+
+
+def max_above(metric: str, above: float, *, source: str, arms: tuple[str, ...] | None = None,
+              steps: tuple[int, int | None] = (1, None), name: str | None = None) -> Property:
+    """Somewhere in range (per seed: the smallest of the seeds' maxima) `metric` exceeds `above`:
+    e.g. updates that never die out, i.e. no convergence."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        sel = _select(results, metric, arms, steps)
+        per_seed = sel.groupby("seed").value.max()
+        measured = _worst(per_seed, highest=False)
+        return Verdict(measured, f"max {metric} > {above:.3g} (every seed)", above, bool(measured > above),
+                       detail=f"{len(sel)} values, steps {steps[0]}..{steps[1] or 'end'}")
+    return Property(name or f"max_{metric}_above", check, source)
 
 
 def min_above(metric: str, above: float, *, source: str, arms: tuple[str, ...] | None = None,

@@ -70,6 +70,16 @@ def gaussian_mixture(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: t
     return TensorSource(x.to(device, dtype), y.to(device), batch_size=batch_size, gen=gen)
 
 
+def two_blobs(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
+              device: torch.device, smoke: bool, n: int = 64, mean: tuple[float, float] = (1.0, 0.5),
+              noise: float = 1.0) -> TensorSource:
+    """n 2-D points, y ∈ {0, 1} balanced, x = ±mean + noise; served full-batch (gradient descent)."""
+    y = torch.arange(n) % 2
+    sign = (2 * y - 1).to(torch.float64)[:, None]
+    x = sign * torch.tensor(mean, dtype=torch.float64) + noise * torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    return TensorSource(x.to(device, dtype), y.to(device), batch_size=n, gen=gen)
+
+
 def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
             device: torch.device, smoke: bool, batch_size: int = 128, per_class: int | None = None,
             test_per_class: int | None = None, augment: bool = True, subset_seed: int = 0,
@@ -96,6 +106,7 @@ def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtyp
 SOURCES: dict[str, Callable[..., TensorSource]] = {
     "gaussian_mixture": gaussian_mixture,
     "cifar10": cifar10,
+    "two_blobs": two_blobs,
 }
 
 

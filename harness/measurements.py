@@ -82,15 +82,53 @@ def eval_gap(ctx) -> list[Row]:
                     "eval_gap_recomputed"))
 
 
+def predicted_scale(arm, t: int) -> float | None:
+    """The theory's c_t for this arm's SI weights relative to the reference arm, if it has one."""
+    schedule_scale = getattr(arm.spec.si.lr, "weight_scale", None)
+    if schedule_scale is None and arm.spec.init_scale == 1.0:
+        return None
+    return arm.spec.init_scale * (schedule_scale(t) if schedule_scale else 1.0)
+
+
+def _flat_si(arm) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in arm.si_params])
+
+
 def si_norm(ctx) -> list[Row]:
-    """‖θ‖ over all scale-invariant weights, and the schedule's predicted scale c_t vs the reference."""
+    """‖θ‖ over all scale-invariant weights, and the predicted scale c_t vs the reference."""
     rows: list[Row] = []
     for name, arm in ctx.arms.items():
-        sq = sum(float(p.detach().double().pow(2).sum()) for p in arm.si_params)
-        rows.append((name, "si_norm", sq ** 0.5))
-        scale = getattr(arm.spec.si.lr, "weight_scale", None)
+        if not arm.si_params:
+            continue
+        rows.append((name, "si_norm", float(_flat_si(arm).norm())))
+        scale = predicted_scale(arm, ctx.t)
         if scale is not None:
-            rows.append((name, "predicted_scale", scale(ctx.t)))
+            rows.append((name, "predicted_scale", scale))
+    return rows
+
+
+def si_weight_gap(ctx) -> list[Row]:
+    """‖w_arm − c_t w_ref‖ / ‖c_t w_ref‖ over the SI weights, for arms with a predicted scale.
+    Exactly 0 when the arm is a bitwise-exact rescaled copy (power-of-two c in any dtype)."""
+    ref = _flat_si(ctx.arms[ctx.reference])
+    rows: list[Row] = []
+    for name, arm in ctx.arms.items():
+        scale = predicted_scale(arm, ctx.t)
+        if name != ctx.reference and scale is not None:
+            target = ref * scale
+            rows.append((name, "si_weight_gap", float((_flat_si(arm) - target).norm() / target.norm())))
+    return rows
+
+
+def update_norm(ctx) -> list[Row]:
+    """‖θ_t − θ_{t−1}‖ over all trainable parameters: zero at a fixed point of the dynamics."""
+    rows: list[Row] = []
+    for name, arm in ctx.arms.items():
+        now = torch.cat([p.detach().reshape(-1).double() for p in arm.model.parameters() if p.requires_grad])
+        before = ctx.state.get(("update_norm", name))
+        if before is not None:
+            rows.append((name, "update_norm", float((now - before).norm())))
+        ctx.state[("update_norm", name)] = now.clone()
     return rows
 
 
@@ -118,6 +156,8 @@ MEASUREMENTS: dict[str, Callable] = {
     "train_gap": train_gap,
     "eval_gap": eval_gap,
     "si_norm": si_norm,
+    "si_weight_gap": si_weight_gap,
+    "update_norm": update_norm,
     "loss": loss,
     "test_acc": test_accuracy,
 }

@@ -74,6 +74,23 @@ class NormCNN(nn.Module):
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
 
+class ToyLogit(nn.Module):
+    """The BN + WD toy (CLAIMS.md §2): logits [0, z] with z = S·BN(Xw) (w ∈ R², BN without affine,
+    so w is SI) or, with `bn=False`, the plain logistic model z = S·Xw. Cross-entropy on these two
+    logits is softplus(−y z) for y = ±1."""
+
+    def __init__(self, in_dim: int = 2, scale: float = 8.0, bn: bool = True, eps: float = 1e-30):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, 1, bias=False)
+        self.norm = nn.BatchNorm1d(1, eps=eps, affine=False) if bn else nn.Identity()
+        self.scale = scale
+        self.si_names = ("linear.weight",) if bn else ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.scale * self.norm(self.linear(x))
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
 def resnet18_cifar(classes: int = 10, norm_affine: bool = False, eps: float = 1e-5) -> nn.Module:
     """torchvision's ResNet-18 adapted to 32×32 inputs (3×3 stem, stride 1, no max-pool).
 
@@ -99,6 +116,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "norm_mlp": NormMLP,
     "norm_cnn": NormCNN,
     "resnet18_cifar": resnet18_cifar,
+    "toy_logit": ToyLogit,
 }
 
 

@@ -93,7 +93,9 @@ class ArmState:
             dict(params=params, lr=g.lr(0), momentum=g.momentum,
                  weight_decay=0.0 if g.decoupled else g.weight_decay)
             for g, params in self.groups])
-        if "momentum_buffer_state" in requires and not supports_momentum_buffer_state(self.optimizer):
+        needs_state = "momentum_buffer_state" in requires or any(
+            g.initial_buffer or g.buffer_correction for g, _ in self.groups)
+        if needs_state and not supports_momentum_buffer_state(self.optimizer):
             raise Unsupported(f"optimizer {optimizer_spec} does not expose torch.optim.SGD's "
                               f"'momentum_buffer' state, which this case seeds before step 1")
         for g, params in self.groups:
@@ -115,6 +117,10 @@ class ArmState:
                 if g.decoupled and g.weight_decay:
                     for p in params:
                         p.mul_(1 - g.lr(k) * g.weight_decay)
+                coef = g.lr.buffer_correction(k) if g.buffer_correction else None
+                if coef is not None:
+                    for p in params:
+                        self.optimizer.state[p]["momentum_buffer"].add_(p, alpha=coef)
         self.optimizer.step()
         self.last_loss = float(loss.detach())
         return self.last_loss
@@ -130,8 +136,15 @@ def deterministic_cuda() -> None:
 
 
 @torch.no_grad()
-def perturbed(model0: nn.Module, rel: float, gen: torch.Generator) -> nn.Module:
+def arm_model(model0: nn.Module, arm: Arm, gen: torch.Generator) -> nn.Module:
+    """The arm's copy of the shared initial model: rescaled and/or perturbed as the arm declares."""
     model = copy.deepcopy(model0)
+    if arm.init_scale != 1.0:
+        si = set(model.si_names)
+        for n, p in model.named_parameters():
+            if n in si or (arm.scale_other and p.requires_grad):
+                p.mul_(arm.init_scale)
+    rel = arm.init_noise
     if rel:
         named = dict(model.named_parameters())
         for n in model.si_names:
@@ -155,12 +168,13 @@ def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
     model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],
                          dtype=dtype, device=device)
     factory = load_factory(env.optimizer)
-    arms = {a.name: ArmState(a, perturbed(model0, a.init_noise, gens["init_noise"]), factory,
+    arms = {a.name: ArmState(a, arm_model(model0, a, gens["init_noise"]), factory,
                              env.optimizer, case.requires)
             for a in case.arms}
     probe = source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"])
     observers = [measurements.resolve(m) for m in case.measurements]
-    ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0)
+    ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0,
+                          state={})  # `state`: observers' memory between calls
 
     rows: list[tuple] = []
     for k in range(steps):

@@ -143,3 +143,96 @@ def zero_buffer_exp_lr(lr: float, wd: float, momentum: float) -> TexpPP:
     """
     real_root_alpha(lr, wd, momentum)
     return TexpPP(Constant(lr), wd, momentum)
+
+
+class Piecewise:
+    """Piecewise-constant LR: `values[i]` from update `starts[i]` on (starts[0] == 0)."""
+
+    def __init__(self, starts: tuple[int, ...], values: tuple[float, ...]):
+        if (not starts or starts[0] != 0 or list(starts) != sorted(set(starts))
+                or len(starts) != len(values) or not all(v > 0 for v in values)):
+            raise SettingError(f"bad piecewise schedule: starts={starts}, values={values}")
+        self.starts, self.values = tuple(starts), tuple(float(v) for v in values)
+
+    def phase(self, k: int) -> int:
+        return sum(k >= s for s in self.starts) - 1
+
+    def __call__(self, k: int) -> float:
+        return self.values[self.phase(k)]
+
+    def __repr__(self) -> str:
+        return f"piecewise({dict(zip(self.starts, self.values))})"
+
+
+class Cosine:
+    """η_min + (η_max − η_min)(1 + cos(π k/T))/2, constant η_min after T."""
+
+    def __init__(self, lr: float, total: int, lr_min: float):
+        if not (lr > 0 and lr_min > 0 and total > 0):
+            raise SettingError(f"bad cosine schedule: lr={lr}, total={total}, lr_min={lr_min}")
+        self.lr, self.total, self.lr_min = float(lr), int(total), float(lr_min)
+
+    def __call__(self, k: int) -> float:
+        frac = min(k, self.total) / self.total
+        return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * frac)) / 2
+
+    def __repr__(self) -> str:
+        return f"cosine({self.lr:g} → {self.lr_min:g} over {self.total})"
+
+
+class LinearWarmup:
+    """η (k+1)/W for the first W updates, then the wrapped schedule."""
+
+    def __init__(self, after: Callable[[int], float], warmup: int):
+        if warmup < 1:
+            raise SettingError(f"warmup must be >= 1 step, got {warmup}")
+        self.after, self.warmup = after, int(warmup)
+
+    def __call__(self, k: int) -> float:
+        return self.after(k) * (k + 1) / self.warmup if k < self.warmup else self.after(k)
+
+    def __repr__(self) -> str:
+        return f"warmup({self.warmup}, then {self.after!r})"
+
+
+class TEXP:
+    """TEXP (Li & Arora Thm 2.12; formulas in CLAIMS.md §2): the no-WD twin of step decay with
+    momentum. Within phase I the LR grows by α_I^{-2} per update; at a phase start it is multiplied
+    by (η_I/η_{I−1})/(α_{I−1} α_I). Closed form c_k = ∏_{s<k} α_{I(s)}^{-1}, η̃_k = c_k² η_{I(k)}/α_{I(k)}.
+
+    Exact within phases from the seeded buffer `initial_buffer(θ0)`; at each phase start it is off by
+    O((ηλ)²) unless the buffer is corrected just before that update (`buffer_correction`).
+    """
+
+    def __init__(self, base: Piecewise, wd: float, momentum: float):
+        self.base, self.wd, self.momentum = base, float(wd), float(momentum)
+        self.alphas = [real_root_alpha(v, wd, momentum) for v in base.values]
+
+    def _log_c(self, k: int) -> float:
+        """log c_k = −Σ_{s<k} log α_{I(s)}: count the updates before k spent in each phase."""
+        ends = self.base.starts[1:] + (math.inf,)
+        return -sum(max(0, min(k, end) - start) * math.log(alpha)
+                    for start, end, alpha in zip(self.base.starts, ends, self.alphas))
+
+    def weight_scale(self, t: int) -> float:
+        return math.exp(self._log_c(t))
+
+    def __call__(self, k: int) -> float:
+        phase = self.base.phase(k)
+        return math.exp(2 * self._log_c(k)) * self.base.values[phase] / self.alphas[phase]
+
+    def initial_buffer(self, theta0: torch.Tensor) -> torch.Tensor:
+        return (1 - 1 / self.alphas[0]) * theta0 / self.base.values[0]
+
+    def buffer_correction(self, k: int) -> float | None:
+        """Coefficient a for ũ ← ũ + a θ̃ just before update k when k starts a phase:
+        a = (1 − 1/κ_I)/η̃_{k−1}, κ_I = r_I/(α_{I−1}(r_I − 1 + 1/α_I)), r_I = η_I/η_{I−1}."""
+        if k == 0 or k not in self.base.starts:
+            return None
+        i = self.base.starts.index(k)
+        r = self.base.values[i] / self.base.values[i - 1]
+        kappa = r / (self.alphas[i - 1] * (r - 1 + 1 / self.alphas[i]))
+        return (1 - 1 / kappa) / self(k - 1)
+
+    def __repr__(self) -> str:
+        return f"texp({self.base!r}, λ={self.wd:g}, γ={self.momentum:g})"

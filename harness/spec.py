@@ -32,6 +32,8 @@ class Group:
     momentum: float = 0.0
     decoupled: bool = False
     initial_buffer: bool = False
+    # Apply `lr.buffer_correction(k)` (ũ ← ũ + a θ̃ before update k) where the schedule gives one.
+    buffer_correction: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class Arm:
     # Relative size of a random perturbation of the initial SI weights (0: none). A "twin" arm of
     # the reference with ~1e-15 measures how fast float64 roundoff is amplified by the dynamics.
     init_noise: float = 0.0
+    # The SI weights start at init_scale × θ0 (the intrinsic-LR reparametrization); with
+    # scale_other the remaining trainable parameters are rescaled too (a negative control).
+    init_scale: float = 1.0
+    scale_other: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,12 @@ def validate(case: Any) -> Case:
             if not (group.weight_decay >= 0 and 0 <= group.momentum < 1):
                 raise bad(f"arms[{arm.name}].{label}",
                           "needs weight_decay >= 0 and momentum in [0, 1)")
-            if group.initial_buffer and not hasattr(group.lr, "initial_buffer"):
-                raise bad(f"arms[{arm.name}].{label}.initial_buffer",
-                          "the schedule provides no initial_buffer(θ0)")
+            for flag, method in (("initial_buffer", "initial_buffer"),
+                                 ("buffer_correction", "buffer_correction")):
+                if getattr(group, flag) and not hasattr(group.lr, method):
+                    raise bad(f"arms[{arm.name}].{label}.{flag}", f"the schedule provides no {method}()")
+        if not arm.init_scale > 0:
+            raise bad(f"arms[{arm.name}].init_scale", f"must be > 0, got {arm.init_scale}")
     if not case.properties or not all(isinstance(p, Property) for p in case.properties):
         raise bad("properties", "must be a non-empty tuple of Property (a case must check something)")
     if not all(p.source for p in case.properties):

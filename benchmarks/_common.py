@@ -1,0 +1,130 @@
+"""Shared set-up for the asv suite (no benchmarks here: asv only collects time_/peakmem_/track_ names).
+
+* The harness is imported from the checkout the suite belongs to (or from $LRC_BENCH_ROOT, which is
+  how the README compares against main without reinstalling anything): asv's "existing" environment
+  never installs the project, and the venv need not hold an editable install of it.
+* torch runs on LRC_BENCH_THREADS threads (default 1): the CPU profile runs at 1 thread per
+  pytest-xdist worker, and a single thread keeps timings stable on a shared 2-core machine.
+* Everything is CPU-only; nothing here touches CUDA, so the suite imports on any machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import pathlib
+import sys
+import time
+from types import SimpleNamespace
+
+ROOT = pathlib.Path(os.environ.get("LRC_BENCH_ROOT") or pathlib.Path(__file__).resolve().parents[1]).resolve()
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+THREADS = int(os.environ.get("LRC_BENCH_THREADS", "1"))
+
+
+@contextlib.contextmanager
+def safe_import():
+    """scipy's pattern: a benchmark module whose imports fail still imports (its benchmarks then
+    fail in setup with the real error) instead of breaking discovery of the whole suite."""
+    try:
+        yield
+    except ImportError:
+        pass
+
+
+with safe_import():
+    import torch
+    from torch import nn
+
+    from harness import measurements, registry
+    from harness.datasets import build_source
+    from harness.models import build_model
+    from harness.optim import DEFAULT_OPTIMIZER, load_factory
+    from harness.runner import PROBE_SIZE, ArmState, RunEnv, seed_streams
+
+    torch.set_num_threads(THREADS)
+
+# One 2-arm (WD vs exp-LR) case per model in harness.models.MODELS. The CPU cases keep their own
+# model, data and dtype (float64); ResNet-18 exists only in the GPU case, so it runs here in float32
+# on a small Gaussian batch (8 images of 3x32x32) to stay quick on a CPU.
+MODEL_CASES = {
+    "norm_mlp": ("wdexp-zerobuf-mlp-bn", None),
+    "norm_cnn": ("wdexp-zerobuf-cnn-bn", None),
+    "resnet18_cifar": ("wdexp-gpu-resnet18-cifar10",
+                       ("gaussian_mixture", {"n": 64, "shape": (3, 32, 32), "classes": 10, "batch_size": 8})),
+}
+OBSERVERS = ("train_gap", "si_norm", "loss")  # the per-step measurements of the CPU cases
+CYCLE = 200  # the LR index cycles over the CPU cases' 200 steps, so exp-LR stays in its real range
+
+
+def lockstep_state(model_name: str, seed: int = 0) -> SimpleNamespace:
+    """What harness.runner.run_seed builds before its loop, for one model: the case's arms as
+    ArmStates, one batch, the probe batch, the observers and their context."""
+    case = registry.get(MODEL_CASES[model_name][0])
+    data = MODEL_CASES[model_name][1] or case.data
+    env = RunEnv(device="cpu")
+    dtype = getattr(torch, env.dtype_for(case))
+    streams = seed_streams(seed)
+    gens = {k: torch.Generator().manual_seed(v) for k, v in streams.items()}
+    source = build_source(data[0], dict(data[1]), gen=gens["data"], aug_gen=gens["aug"], dtype=dtype,
+                          device=torch.device("cpu"), smoke=False)
+    model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],
+                         dtype=dtype, device=torch.device("cpu"))
+    factory = load_factory(DEFAULT_OPTIMIZER)
+    arms = {a.name: ArmState(a, copy.deepcopy(model0), factory, DEFAULT_OPTIMIZER, case.requires)
+            for a in case.arms}
+    probe = source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"])
+    ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0, state={})
+    x, y = source.next_batch()
+    return SimpleNamespace(case=case, model0=model0, arms=arms, ctx=ctx, x=x, y=y, k=0,
+                           observers=[measurements.resolve(m) for m in OBSERVERS])
+
+
+def lockstep_update(s: SimpleNamespace, measured: bool) -> None:
+    """One iteration of run_seed's loop on a fixed batch: every arm steps, then (if `measured`)
+    every observer runs. Rows are built as the runner builds them, then dropped."""
+    k = s.k % CYCLE
+    s.k += 1
+    for arm in s.arms.values():
+        arm.step(k, s.x, s.y)
+    if measured:
+        s.ctx.t = k + 1
+        for _, observe, _ in s.observers:
+            [(s.case.id, arm, 0, s.ctx.t, metric, value) for arm, metric, value in observe(s.ctx)]
+
+
+class RawLoop:
+    """The minimal hand-written PyTorch loop for the same model and batch: the yardstick for the
+    harness's own overhead (one model, one optimizer over all trainable parameters)."""
+
+    def __init__(self, s: SimpleNamespace):
+        arm = next(iter(s.arms.values()))  # the reference (WD) arm's hyper-parameters
+        self.model = copy.deepcopy(s.model0)
+        for p, q in zip(self.model.parameters(), s.model0.parameters()):
+            p.requires_grad_(q.requires_grad)
+        frozen = arm.spec.other is None  # the harness freezes non-SI parameters when an arm says so
+        si = set(self.model.si_names)
+        params = [p for n, p in self.model.named_parameters()
+                  if p.requires_grad and (n in si or not frozen)]
+        g = arm.spec.si
+        self.opt = torch.optim.SGD(params, lr=g.lr(0), momentum=g.momentum, weight_decay=g.weight_decay)
+        self.x, self.y = s.x, s.y
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+
+def best_of(fn, rounds: int, inner: int) -> float:
+    """Seconds per call: the best mean over `rounds` rounds of `inner` calls (the min is the figure
+    least disturbed by other processes on a shared machine)."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
