@@ -1,11 +1,30 @@
 """pytest front: every registered Case becomes `tests/test_cases.py::test_case[<case id>]`, marked
 with its profile (`cpu`/`gpu`), `slow` and `negative`. Options inject what cases never set: the
-device, the optimizer under test, seeds, and the smoke budget."""
+device, the optimizer under test, seeds, and the smoke budget.
+
+`--run-dir DIR` makes the session leave a run directory, as `python -m harness run` does: every case
+test hands its Outcome to the `record_outcome` fixture, which writes it as part files (one set per
+case, each file atomic, a JSON marker last) under DIR/.parts-<session>/. Under pytest-xdist each
+worker writes its own parts; the controller merges them in pytest_sessionfinish, so no row is lost
+and nothing is shared between processes while tests run. `--report [HTML]` then writes the HTML
+report with the baseline comparison, and fails the session (exit 1) when the comparison does.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
 
 import pytest
+
+PARTS_KEY = pytest.StashKey[Path]()
+DEFAULT_PYTEST_RUN_DIR = "runs/pytest-latest"
+CASE_NODE = re.compile(r"::test_case\[(.+)\]$")
 
 
 def pytest_addoption(parser):
@@ -17,6 +36,15 @@ def pytest_addoption(parser):
     group.addoption("--smoke", action="store_true",
                     help="run each selected case for a few steps on tiny data: results, no verdicts")
     group.addoption("--seeds", default=None, help="comma-separated seeds overriding the cases' own")
+    group.addoption("--run-dir", default=None, metavar="DIR",
+                    help="write the case tests' results.csv, verdicts.csv and metadata.json here "
+                         f"(default: off; {DEFAULT_PYTEST_RUN_DIR} when --report is given)")
+    group.addoption("--report", nargs="?", const="", default=None, metavar="HTML",
+                    help="at the end, write the HTML report (default RUN_DIR/report.html) with the baseline "
+                         "comparison; a regression against the baseline fails the session")
+    group.addoption("--baseline", default=None, metavar="FILE",
+                    help="baseline for --report (default: baselines/<profile>.csv when it exists; "
+                         "'none' for no comparison)")
 
 
 def pytest_configure(config):
@@ -31,6 +59,7 @@ def pytest_configure(config):
     settings.register_profile("dev", deadline=None, max_examples=20)
     settings.register_profile("thorough", deadline=None, max_examples=300)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+    _configure_run_dir(config)
 
 
 def pytest_generate_tests(metafunc):
@@ -55,3 +84,162 @@ def run_env(pytestconfig):
                   optimizer=pytestconfig.getoption("--optimizer") or DEFAULT_OPTIMIZER,
                   smoke=pytestconfig.getoption("--smoke"),
                   seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None)
+
+
+# ---- the session's run directory (--run-dir / --report) -------------------------------------------
+
+def _configure_run_dir(config) -> None:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # an xdist worker: the controller said where the parts go
+        if workerinput.get("lrc_parts"):
+            config.stash[PARTS_KEY] = Path(workerinput["lrc_parts"])
+        return
+    run_dir, report = config.getoption("--run-dir"), config.getoption("--report")
+    baseline = config.getoption("--baseline")
+    if report and not report.lower().endswith((".html", ".htm")):
+        raise pytest.UsageError(f"--report takes an .html path, got {report!r} "
+                                f"(write --report=FILE.html, or put --report last)")
+    if baseline and baseline != "none":
+        from harness import baseline as bl
+        try:
+            bl.read(baseline)
+        except bl.BaselineError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    if run_dir is None and report is None:
+        return
+    here = Path(config.invocation_params.dir)
+    path = here / run_dir if run_dir else Path(config.rootpath) / DEFAULT_PYTEST_RUN_DIR
+    html = None
+    if report is not None:
+        html = here / report if report else path / "report.html"
+    plugin = RunDirPlugin(path, html, baseline)
+    config.stash[PARTS_KEY] = plugin.parts
+    config.pluginmanager.register(plugin, "lr-conformance-run-dir")
+
+
+@pytest.fixture
+def record_outcome(request):
+    """Hand a case's Outcome to the session's run directory (a no-op without --run-dir/--report)."""
+    t0 = time.perf_counter()
+    parts = request.config.stash.get(PARTS_KEY, None)
+
+    def record(outcome, env) -> None:
+        if parts is None:
+            return
+        from harness.store import atomic_write_csv, atomic_write_text
+        case = outcome.case
+        stem = parts / (re.sub(r"[^A-Za-z0-9_.-]", "_", case.id)[:60] + "-"
+                        + hashlib.sha1(case.id.encode()).hexdigest()[:10])
+        atomic_write_csv(Path(f"{stem}.results.csv"), outcome.results)
+        atomic_write_csv(Path(f"{stem}.verdicts.csv"), outcome.verdicts)
+        # Written last: a part counts only once its marker exists.
+        atomic_write_text(Path(f"{stem}.json"), json.dumps({
+            "case": case.id, "profile": case.profile, "status": outcome.status, "message": outcome.message,
+            "seconds": round(time.perf_counter() - t0, 2), "device": env.device_for(case),
+            "seeds": list(env.seeds_for(case)), "optimizer": env.optimizer, "smoke": env.smoke,
+            "dtype": env.dtype, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}))
+    return record
+
+
+class RunDirPlugin:
+    """Registered on the controller (or the only process) of a --run-dir session."""
+
+    def __init__(self, run_dir: Path, html: Path | None, baseline: str | None):
+        self.run_dir, self.html, self.baseline = run_dir, html, baseline
+        # Unique per session: two sessions writing the same run dir never mix their parts.
+        self.parts = run_dir / f".parts-{os.getpid()}-{secrets.token_hex(4)}"
+        self.parts.mkdir(parents=True)
+        self.pytest_outcomes: dict[str, str] = {}
+        self.comparison = None
+        self.error: str | None = None
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node):
+        """xdist: tell each worker where its part files go."""
+        node.workerinput["lrc_parts"] = str(self.parts)
+
+    def pytest_runtest_logreport(self, report):
+        """Every case test's pytest outcome (xdist forwards the workers' reports here)."""
+        m = CASE_NODE.search(report.nodeid)
+        if not m:
+            return
+        if report.when == "call":
+            self.pytest_outcomes[m.group(1)] = report.outcome
+        elif report.outcome != "passed":
+            self.pytest_outcomes.setdefault(
+                m.group(1), "skipped" if report.skipped else f"{report.outcome} in {report.when}")
+
+    def merge(self, config, exitstatus) -> None:
+        import pandas as pd
+
+        from harness import registry, store
+        from harness.checks import VERDICT_COLUMNS
+        from harness.runner import RESULT_COLUMNS
+
+        markers = sorted(self.parts.glob("*.json"))
+        infos = [(json.loads(p.read_text()), str(p)[: -len(".json")]) for p in markers]
+        order = {cid: i for i, cid in enumerate(registry.all_cases())}
+        infos.sort(key=lambda item: order.get(item[0]["case"], len(order)))
+        results, verdicts, cases = [], [], {}
+        for info, stem in infos:
+            results.append(pd.read_csv(f"{stem}.results.csv"))
+            verdicts.append(pd.read_csv(f"{stem}.verdicts.csv"))
+            cases[info["case"]] = {"status": info["status"], "seconds": info["seconds"],
+                                   "message": info["message"], "pytest": self.pytest_outcomes.get(info["case"])}
+        for case_id, outcome in self.pytest_outcomes.items():  # skipped before running, or crashed
+            if case_id not in cases:
+                cases[case_id] = {"status": "skipped" if outcome == "skipped" else "error", "seconds": None,
+                                  "message": f"pytest: {outcome}", "pytest": outcome}
+        results = [f for f in results if not f.empty]
+        verdicts = [f for f in verdicts if not f.empty]
+        run = store.RunDir(self.run_dir)
+        run.write_results(pd.concat(results, ignore_index=True)[RESULT_COLUMNS] if results
+                          else pd.DataFrame(columns=RESULT_COLUMNS))
+        run.write_verdicts(pd.concat(verdicts, ignore_index=True)[VERDICT_COLUMNS] if verdicts
+                           else pd.DataFrame(columns=VERDICT_COLUMNS))
+        first = infos[0][0] if infos else {}
+        profiles = {i["profile"] for i, _ in infos}
+        meta = store.metadata(
+            profile=profiles.pop() if len(profiles) == 1 else None,
+            device=",".join(sorted({i["device"] for i, _ in infos})) or "none", dtype=first.get("dtype"),
+            optimizer=first.get("optimizer") or config.getoption("--optimizer") or "torch.optim:SGD",
+            seeds={i["case"]: i["seeds"] for i, _ in infos},
+            smoke=bool(first.get("smoke", config.getoption("--smoke"))),
+            command=["python", "-m", "pytest", *map(str, config.invocation_params.args)])
+        meta.update(status="finished" if int(exitstatus) in (0, 1) else f"pytest exit {int(exitstatus)}",
+                    cases=cases, workers=sorted({i["worker"] for i, _ in infos}))
+        run.write_metadata(meta)
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        try:
+            self.merge(session.config, exitstatus)
+        except Exception as exc:  # never hide the tests' outcome behind a traceback
+            self.error = f"could not write the run directory {self.run_dir}: {type(exc).__name__}: {exc}"
+            session.exitstatus = max(int(session.exitstatus), 1)
+            return
+        if self.html is None:
+            return
+        from harness import report
+        chosen = None if self.baseline == "none" else (Path(self.baseline) if self.baseline else report.AUTO)
+        try:
+            self.comparison = report.write_report(self.run_dir, self.html, chosen)
+        except Exception as exc:
+            self.error = f"could not write the report {self.html}: {type(exc).__name__}: {exc}"
+            session.exitstatus = max(int(session.exitstatus), 1)
+            return
+        if self.comparison is not None and self.comparison.failed and int(session.exitstatus) == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        tr = terminalreporter
+        if self.error:
+            tr.write_line(f"lr-conformance: {self.error}", red=True)
+            return
+        tr.write_line(f"lr-conformance: run directory {self.run_dir}"
+                      + (f", report {self.html}" if self.html else ""))
+        if self.comparison is not None:
+            tr.write_line(f"lr-conformance: baseline {self.comparison.path}: {self.comparison.summary()}",
+                          red=self.comparison.failed, green=not self.comparison.failed)
+            if self.comparison.failed:
+                tr.write_line(self.comparison.failure_line(), red=True)

@@ -40,7 +40,7 @@ CASES = [
                  inclusive=True, source=BITWISE, model=CNN, data=IMAGES),
     reparam_case("intrinsic-reparam-c3-float64-mlp-bn", 3.0, dtype="float64", bound=1e-12, source=C3),
     reparam_case("intrinsic-reparam-c3-float64-cnn-bn", 3.0, dtype="float64", bound=1e-12, source=C3,
-                 model=CNN, data=IMAGES),
+                 model=CNN, data=IMAGES, matrix=True),
     reparam_case("intrinsic-reparam-neg-c3-float32-not-bitwise", 3.0, dtype="float32", bound=0.0,
                  inclusive=True, source=BITWISE, negative=True,
                  description="c = 3 is not a power of two: float32 rounding makes the copy inexact"),

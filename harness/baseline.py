@@ -303,7 +303,7 @@ class Comparison:
     def failure_line(self) -> str:
         items = [f"{r.case}/{r.property} {r.status}" for r in self.failing]
         more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-        return f"baseline {self.path}: " + "; ".join(items[:5]) + more
+        return f"regression against baseline {self.path}: " + "; ".join(items[:5]) + more
 
 
 def _change(value: float, band: Band | None) -> str:

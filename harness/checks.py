@@ -92,22 +92,27 @@ def norm_ratio_follows_scale(arm: str, rtol: float, *, source: str) -> Property:
     return Property("si_norm_ratio", check, source)
 
 
-def within_roundoff_floor(metric: str, arm: str, twin: str, factor: float, floor: float, *,
-                          source: str) -> Property:
-    """For chaotic dynamics, where float64 roundoff itself grows exponentially: the arm's gap to
-    the reference stays within `factor` × the gap of a `twin` of the reference started from a
-    ~1-ulp perturbation (or `floor`, whichever is larger), at every step and seed."""
+def within_roundoff_floor(metric: str, bound: float, *, source: str, twin: str = "twin",
+                          factor: float = 10.0) -> Property:
+    """For dynamics where roundoff itself grows exponentially (chaos): every arm's gap to the
+    reference stays within max(bound, factor × the gap of a `twin` of the reference started a few
+    ulps away), at every step and seed. Measured: the worst gap / max(bound/factor, twin gap)."""
+    floor = bound / factor
+    expected = f"{metric} <= max({bound:.0e}, {factor:g} × {metric}[{twin}])"
+
     def check(results: pd.DataFrame, case: Case) -> Verdict:
         gaps = results[results.metric == metric].pivot_table(index=["seed", "step"], columns="arm",
                                                              values="value")
-        if gaps.empty or arm not in gaps or twin not in gaps:
-            return Verdict(math.nan, f"{metric}[{arm}] / max({floor:.0e}, {metric}[{twin}]) < {factor:g}",
-                           factor, False, detail=f"needs {metric} rows for arms {arm!r} and {twin!r}")
-        ratio = gaps[arm] / gaps[twin].clip(lower=floor)
+        arms = [a for a in gaps.columns if a not in (twin, case.reference)]
+        if gaps.empty or twin not in gaps or not arms:
+            return Verdict(math.nan, expected, factor, False,
+                           detail=f"needs {metric} rows for the twin {twin!r} and another arm")
+        allowed = gaps[twin].clip(lower=floor)
+        ratio = pd.concat([gaps[a] / allowed for a in arms])
         measured = _worst(ratio, highest=True)
-        return Verdict(measured, f"max {metric}[{arm}] / max({floor:.0e}, {metric}[{twin}]) < {factor:g}",
+        return Verdict(measured, f"max {metric} / max({floor:.0e}, {metric}[{twin}]) < {factor:g}",
                        factor, bool(measured < factor),
-                       detail=f"{len(ratio)} steps; worst {arm} gap {gaps[arm].max():.3g}, "
+                       detail=f"{len(ratio)} values; worst gap {gaps[arms].max().max():.3g}, "
                               f"worst {twin} gap {gaps[twin].max():.3g}")
     return Property(f"{metric}_within_roundoff_floor", check, source)
 
@@ -126,6 +131,21 @@ def final_difference_below(metric: str, arm: str, tol: float, *, source: str, la
         return Verdict(measured, f"|{metric}[{arm}] − {metric}[{case.reference}]| (last {last}) < {tol:g}",
                        tol, bool(measured < tol), detail=f"{len(diffs)} seeds")
     return Property(f"final_{metric}_difference", check, source)
+
+
+def max_difference_below(metric: str, arm: str, tol: float, *, source: str) -> Property:
+    """max over evaluations of |metric[arm] − metric[reference]| at the same step (median over
+    seeds) < tol: curves that track each other, e.g. test accuracy per epoch."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        table = results[results.metric == metric].pivot_table(index=["seed", "step"], columns="arm", values="value")
+        if table.empty or arm not in table or case.reference not in table:
+            return Verdict(math.nan, f"max |{metric}[{arm}] − {metric}[{case.reference}]| < {tol:g}", tol, False,
+                           detail=f"needs {metric} rows for {arm!r} and {case.reference!r}")
+        per_seed = (table[arm] - table[case.reference]).abs().groupby("seed").max()
+        measured = float(per_seed.median())
+        return Verdict(measured, f"max |{metric}[{arm}] − {metric}[{case.reference}]| < {tol:g}", tol,
+                       bool(measured < tol), detail=f"{len(table)} evaluations, {len(per_seed)} seeds")
+    return Property(f"max_{metric}_difference", check, source)
 
 
 def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:

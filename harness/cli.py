@@ -4,6 +4,7 @@ exit says why in one line on stderr."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,16 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def _choices(*allowed: str):
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v for v in text.split(",") if v)
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose a comma-separated subset of {','.join(allowed)}")
+        return values
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrors(prog="python -m harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,9 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/<UTC time>-<profile>)")
     run.add_argument("--html", type=Path, help="also write the HTML report here")
 
+    mat = sub.add_parser("matrix", help="the conformance matrix: exact cases × implementation × dtype × norm")
+    mat.add_argument("cases", nargs="*", metavar="CASE", help="base cases (default: every case with matrix=True)")
+    mat.add_argument("--norm", type=_choices("bn", "gn", "ln", "in"), default="bn,gn,ln,in")
+    mat.add_argument("--dtype", type=_choices("float64", "float32"), default="float64,float32")
+    mat.add_argument("--impl", type=_choices("forloop", "foreach", "fused"), default="forloop,foreach,fused")
+    mat.add_argument("--optimizer", metavar="pkg.module:Name",
+                     help="put a plugged-in optimizer through the matrix (replaces --impl)")
+    mat.add_argument("--out", type=Path, help="default: runs/<UTC time>-matrix")
+
     rep = sub.add_parser("report", help="build the self-contained HTML report of a run directory")
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--html", type=Path, help="default: RUN_DIR/report.html")
+    rep.add_argument("--baseline", type=Path, metavar="FILE",
+                     help="compare with this baseline (default: baselines/<profile>.csv when it exists); "
+                          "exit 1 when a verdict flipped or a value left its band")
+    rep.add_argument("--no-baseline", action="store_true", help="no baseline comparison")
+
+    base = sub.add_parser("baseline", help="write baselines/<profile>.csv from run directories")
+    base_sub = base.add_subparsers(dest="baseline_command", required=True, parser_class=OneLineErrors)
+    upd = base_sub.add_parser("update", help="median, spread and n per case and property over the runs "
+                                             "(use runs with different seeds: --seeds 0, --seeds 1, --seeds 2)")
+    upd.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    upd.add_argument("--out", type=Path, metavar="FILE", help="default: baselines/<profile>.csv")
     return p
 
 
@@ -89,8 +120,24 @@ def cmd_run(args) -> int:
 
     if not args.cases and not args.profile:
         raise BadInput("name cases to run, or pass --profile cpu|gpu (`python -m harness list` shows cases)")
+    from harness import matrix
     ids = list(dict.fromkeys(args.cases))  # a case named twice runs once
-    cases = registry.select(ids or None, profile=args.profile, include_slow=args.include_slow)
+    # Matrix cells ('<case>[<norm>,<dtype>,<impl>]') carry their own optimizer implementation.
+    cells = {i: matrix.parse_cell(i) for i in ids if matrix.parse_cell(i)}
+    cell_cases, cell_optimizers = [], {}
+    for cid, parts in cells.items():
+        try:
+            case, spec = matrix.resolve(*parts)
+        except (matrix.NotApplicable, ValueError) as exc:
+            raise BadInput(str(exc)) from None
+        if spec and args.optimizer:
+            raise BadInput(f"{cid} names implementation {parts[3]!r}; with --optimizer use impl 'plugged'")
+        cell_cases.append(case)
+        cell_optimizers[case.id] = spec
+    plain = [i for i in ids if i not in cells]
+    cases = registry.select(plain or None, profile=args.profile, include_slow=args.include_slow) \
+        if (plain or not ids) else []
+    cases += cell_cases
     if ids and args.profile:
         other = [c.id for c in cases if c.profile != args.profile]
         if other:
@@ -121,7 +168,8 @@ def cmd_run(args) -> int:
     try:
         for case in cases:
             t0 = time.perf_counter()
-            outcome = execute(case, env)
+            spec = cell_optimizers.get(case.id)
+            outcome = execute(case, dataclasses.replace(env, optimizer=spec) if spec else env)
             seconds = time.perf_counter() - t0
             statuses[case.id] = {"status": outcome.status, "seconds": round(seconds, 2),
                                  "message": outcome.message}
@@ -152,14 +200,70 @@ def cmd_run(args) -> int:
     return exit_code
 
 
+def cmd_matrix(args) -> int:
+    from harness import matrix, store
+    from harness.optim import OptimizerSpecError, load_factory
+    from harness.runner import RunEnv
+
+    impls = args.impl
+    env = RunEnv()
+    if args.optimizer:
+        try:
+            load_factory(args.optimizer)
+        except OptimizerSpecError as exc:
+            raise BadInput(str(exc)) from None
+        impls, env = (matrix.PLUGGED,), RunEnv(optimizer=args.optimizer)
+    specs = matrix.cells(case_ids=args.cases or None, norms=args.norm, dtypes=args.dtype, impls=impls)
+    out = store.RunDir(args.out or store.default_run_dir("matrix")).path
+    rows = []
+    for spec in specs:
+        rows.append(matrix.run_cell(*spec, env))
+        row = rows[-1]
+        print(f"{row['status'].upper():8s} {matrix.cell_id(*spec)}  {row['seconds']}s  "
+              + (f"{row['measured']:.3g}" if row['status'] != 'inapplicable' else ''), flush=True)
+        table = pd.DataFrame(rows, columns=matrix.MATRIX_COLUMNS)
+        store.atomic_write_csv(out / "matrix.csv", table)  # after every cell: Ctrl-C keeps the rest
+    summary = matrix.summarize(table)
+    store.atomic_write_text(out / "matrix.md", summary)
+    print(summary)
+    print(f"matrix: {out / 'matrix.csv'} and {out / 'matrix.md'}")
+    return EXIT_FAIL if table.status.isin(["fail", "error"]).any() else EXIT_OK
+
+
 def cmd_report(args) -> int:
+    import json
+
     from harness import report
+    from harness.baseline import BaselineError
+    if args.baseline and args.no_baseline:
+        raise BadInput("--baseline FILE and --no-baseline exclude each other")
     out = args.html or args.run_dir / "report.html"
+    baseline = None if args.no_baseline else (args.baseline or report.AUTO)
     try:
-        report.write_report(args.run_dir, out)
+        comparison = report.write_report(args.run_dir, out, baseline, strict=True)
     except FileNotFoundError as exc:
         raise BadInput(str(exc)) from None
+    except BaselineError as exc:
+        raise BadInput(str(exc)) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{args.run_dir}: unreadable run directory ({str(exc).strip().splitlines()[0]})") from None
     print(f"report: {out}")
+    if comparison is not None:
+        print(f"baseline {comparison.path}: {comparison.summary()}")
+        if comparison.failed:
+            print(comparison.failure_line(), file=sys.stderr)
+            return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_baseline(args) -> int:
+    from harness import baseline
+    try:
+        path, rows = baseline.update(args.run_dirs, args.out)
+    except baseline.BaselineError as exc:
+        raise BadInput(str(exc)) from None
+    n = rows["n"]
+    print(f"baseline: {path} ({len(rows)} rows from {len(args.run_dirs)} runs, n = {n.min()}–{n.max()})")
     return EXIT_OK
 
 
@@ -173,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return {"list": cmd_list, "run": cmd_run, "report": cmd_report}[args.command](args)
+        return {"list": cmd_list, "run": cmd_run, "matrix": cmd_matrix, "report": cmd_report, "baseline": cmd_baseline}[args.command](args)
     except (BadInput, UnknownCase, SettingError, CaseError, DataNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -112,3 +112,7 @@ def sgd_foreach(params, **kw) -> torch.optim.SGD:
 
 def sgd_forloop(params, **kw) -> torch.optim.SGD:
     return torch.optim.SGD(params, foreach=False, **kw)
+
+
+def sgd_fused(params, **kw) -> torch.optim.SGD:
+    return torch.optim.SGD(params, fused=True, **kw)

@@ -1,5 +1,10 @@
 """The HTML report of a run directory: one self-contained file (styles and plots inlined, no
-network fetches). A pure function of the run's tables; every text from cases or metadata is escaped.
+network fetches, no scripts). A pure function of the run's tables and, when there is one, the
+comparison with a baseline (harness.baseline). Every text from cases or metadata is escaped.
+
+Plots come from a registry: `register_plot(name)` adds a function
+`(case_results, PlotContext) -> [(figure, caption), ...]`, so a later claim can add, say, an
+angular-update-vs-theory plot without touching the rest of the report.
 """
 from __future__ import annotations
 
@@ -8,24 +13,46 @@ import html
 import io
 import json
 import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
+from harness import baseline as bl
 from harness.store import RunDir, atomic_write_text
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
-th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-family:monospace}
-tr.ok td.status{background:#dfd}tr.bad td.status{background:#fdd}
-.meta td:first-child{font-weight:bold}figure{display:inline-block;margin:0 1em 1em 0}
-figcaption{font-size:12px;color:#555}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5em 2em;max-width:1500px;color:#222;
+ line-height:1.35}
+h1{margin:.2em 0 .4em}h2{margin:1.6em 0 .4em;border-bottom:2px solid #ddd;padding-bottom:.15em}
+h3{margin:1em 0 .3em;font-size:15px}
+table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;
+ vertical-align:top}
+th{background:#f3f3f3;text-align:left;white-space:nowrap}td.num{text-align:right;font-family:ui-monospace,monospace;
+ white-space:nowrap}
+td.id{font-family:ui-monospace,monospace;font-size:12px;white-space:nowrap}
+td.src,td.note{font-size:11px;color:#555;max-width:22em}
+tr.ok td.status{background:#dfd}tr.bad td.status{background:#fdd}td.status{white-space:nowrap}
+td.mark{font-family:ui-monospace,monospace;font-weight:bold;white-space:nowrap}
+td.m-unchanged{font-weight:normal;color:#777}td.expected{min-width:12em}td.band{white-space:normal;min-width:9em}
+td.m-flipped-bad,td.m-regressed{background:#f8c9c9;color:#8b0000}
+td.m-flipped-good,td.m-improved{background:#cdebd0;color:#1f5f2a}
+td.m-new{background:#dbe8f7;color:#1d4b80}
+.meta td:first-child{font-weight:bold;white-space:nowrap}.meta td{font-size:12px;max-width:70em;word-break:break-word}
+figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}figcaption{font-size:12px;color:#555}
+.banner{padding:.6em 1em;border-radius:4px;margin:.6em 0;font-size:14px}
+.fail{background:#fde2e2;border:1px solid #e08a8a}.pass{background:#e3f4e5;border:1px solid #8cc596}
+.warn{background:#fff6d6;border:1px solid #e0c96a}.info{background:#eef2f7;border:1px solid #b8c4d6}
+.banner ul{margin:.3em 0 0 1.2em;padding:0}
+details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:bold}
+.legend td{font-size:12px}
+.cases{display:flex;flex-wrap:wrap;gap:0 1.5em}.case{flex:0 0 auto}
+ul.toc{columns:2;font-size:13px}
 """
 
-# Metrics plotted against steps, with a log scale where the values span orders of magnitude.
-PLOTS = {"train_gap": True, "eval_gap": True, "eval_gap_recomputed": True, "loss": False,
-         "test_acc": False}
+MAX_ROWS_PER_CHART = 60
 
 
 def _e(value) -> str:
@@ -38,70 +65,351 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def _plot(results: pd.DataFrame, case_id: str, metric: str, log: bool) -> str | None:
-    sel = results[(results.case == case_id) & (results.metric == metric)]
-    if sel.empty:
-        return None
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=90)
-    for (arm, seed), grp in sel.groupby(["arm", "seed"]):
-        values = grp.value.clip(lower=1e-300) if log else grp.value
-        ax.plot(grp.step, values, lw=1, label=f"{arm} s{seed}")
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    return plt
+
+
+def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
-    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    return (f'<figure><img alt="{_e(metric)} vs step for {_e(case_id)}" src="{src}">'
-            f"<figcaption>{_e(case_id)}: {_e(metric)}</figcaption></figure>")
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict) -> str:
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-             "<title>lr-conformance report</title>", f"<style>{STYLE}</style></head><body>",
-             "<h1>lr-conformance report</h1>"]
-    ok = verdicts.ok.astype(bool) if not verdicts.empty else pd.Series(dtype=bool)
-    parts.append(f"<p><b>{int(ok.sum())} of {len(verdicts)} verdicts as intended</b> "
-                 f"({int((~ok).sum())} not). A negative control is as intended when its property fails.</p>")
-    parts.append("<table class='meta'>")
+def _figure_html(fig, alt: str, caption: str) -> str:
+    return (f'<figure><img alt="{_e(alt)}" src="{_png(fig)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+# ---- the plot registry --------------------------------------------------------------------------
+
+@dataclass
+class PlotContext:
+    case_id: str
+    # metric -> tolerances of the case's properties that name that metric in `expected`
+    bounds: dict[str, list[float]] = field(default_factory=dict)
+
+
+PlotFn = Callable[[pd.DataFrame, PlotContext], list]
+PLOTTERS: dict[str, PlotFn] = {}
+
+
+def register_plot(name: str):
+    """Decorator: add a per-case plot. The function gets the case's tidy results and a
+    PlotContext, and returns [(matplotlib figure, caption), ...] (empty when it does not apply)."""
+    def deco(fn: PlotFn) -> PlotFn:
+        PLOTTERS[name] = fn
+        return fn
+    return deco
+
+
+def line_plot(sel: pd.DataFrame, *, x: str = "step", log: bool = False, ylabel: str = "",
+              xlabel: str | None = None, bounds: list[float] = (), xscale: float = 1.0):
+    """One line per (arm, seed) of `sel` (tidy rows of one metric): one colour per arm."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.0, 2.7), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    arms = list(dict.fromkeys(sel.arm))
+    labelled = set()
+    for (arm, seed), grp in sel.groupby(["arm", "seed"], sort=False):
+        grp = grp.sort_values(x)
+        values = grp.value.clip(lower=1e-300) if log else grp.value
+        ax.plot(grp[x] / xscale, values, lw=1, color=colors[arms.index(arm) % len(colors)],
+                label=None if arm in labelled else str(arm), alpha=0.9)
+        labelled.add(arm)
+    for b in sorted(set(bounds)):
+        ax.axhline(b, color="#c00", ls="--", lw=1, label=f"bound {b:.3g}")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    seeds = sorted(set(sel.seed))
+    ax.legend(fontsize=7, title=f"seeds {','.join(map(str, seeds))}", title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+GAP_METRICS = ("train_gap", "eval_gap", "eval_gap_recomputed")
+
+
+@register_plot("function gap vs steps")
+def _gap_plots(results: pd.DataFrame, ctx: PlotContext) -> list:
+    metrics = [m for m in dict.fromkeys(results.metric) if m in GAP_METRICS or m.endswith("_gap")]
+    out = []
+    for m in metrics:
+        sel = results[results.metric == m]
+        fig = line_plot(sel, log=True, ylabel=f"{m} (relative)", bounds=ctx.bounds.get(m, []))
+        out.append((fig, f"{ctx.case_id}: {m} vs step (log scale)"))
+    return out
+
+
+@register_plot("accuracy vs epochs")
+def _accuracy_plot(results: pd.DataFrame, ctx: PlotContext) -> list:
+    sel = results[results.metric.isin(["test_acc", "train_acc"])]
+    out = []
+    for m, grp in sel.groupby("metric", sort=False):
+        steps = sorted(set(grp.step))
+        every = min((b - a for a, b in zip(steps, steps[1:])), default=steps[0] if steps else 1) or 1
+        fig = line_plot(grp, ylabel=m, xlabel=f"epoch (one evaluation every {every} steps)", xscale=every)
+        out.append((fig, f"{ctx.case_id}: {m} vs epochs"))
+    return out
+
+
+@register_plot("loss vs steps")
+def _loss_plot(results: pd.DataFrame, ctx: PlotContext) -> list:
+    sel = results[results.metric == "loss"]
+    if sel.empty:
+        return []
+    spans = bool((sel.value > 0).all()) and sel.value.max() > 30 * sel.value.min()
+    return [(line_plot(sel, log=spans, ylabel="training loss"), f"{ctx.case_id}: training loss vs step")]
+
+
+def _bounds(case_verdicts: pd.DataFrame, metrics) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in case_verdicts.itertuples():
+        for m in metrics:
+            if re.search(rf"(?<![\w\[]){re.escape(str(m))}(?![\w\]])", str(r.expected)) \
+                    and isinstance(r.tolerance, float) and math.isfinite(r.tolerance):
+                out.setdefault(m, []).append(r.tolerance)
+    return out
+
+
+def case_figures(results: pd.DataFrame, case_id: str, case_verdicts: pd.DataFrame) -> list[str]:
+    sel = results[results.case == case_id]
+    if sel.empty:
+        return []
+    ctx = PlotContext(case_id, _bounds(case_verdicts, set(sel.metric)))
+    figs = []
+    for name, fn in PLOTTERS.items():
+        for fig, caption in fn(sel, ctx) or []:
+            figs.append(_figure_html(fig, f"{caption} ({name})", caption))
+    return figs
+
+
+# ---- the margin chart ---------------------------------------------------------------------------
+
+def margin_chart(verdicts: pd.DataFrame, comparison) -> str | None:
+    """Per verdict: decades between the value and its tolerance (right = intended side), the
+    baseline median and band when there is one. One look shows what is close to its bound."""
+    rows = []
+    for r in verdicts.itertuples():
+        value, tol = float(r.measured), float(r.tolerance)
+        crow = comparison.rows.get((str(r.case), str(r.property))) if comparison else None
+        better = crow.better if crow else bl._better(value, tol, bool(r.passed), bool(r.negative))
+        d = bl.margin_decades(value, tol, better)
+        band = crow.band if crow else None
+        b_lo = b_hi = b_c = math.nan
+        if band is not None and band.scale == "log10":
+            edges = sorted(bl.margin_decades(v, tol, better) for v in (band.lo, band.hi))
+            b_lo, b_hi = edges
+            b_c = bl.margin_decades(band.center, tol, better)
+        rows.append((f"{r.case} · {r.property}", d, b_lo, b_hi, b_c, bool(r.ok),
+                     crow.status if crow else None))
+    rows = [r for r in rows if math.isfinite(r[1]) or math.isfinite(r[4])][:MAX_ROWS_PER_CHART]
+    if not rows:
+        return None
+    plt = _pyplot()
+    height = 0.9 + 0.24 * len(rows)
+    fig, ax = plt.subplots(figsize=(9.5, height), dpi=100)
+    ys = list(range(len(rows)))[::-1]
+    for y, (label, d, lo, hi, c, ok, status) in zip(ys, rows):
+        if math.isfinite(lo):
+            ax.plot([lo, hi], [y, y], color="#9bb7d4", lw=6, solid_capstyle="butt", zorder=1)
+            ax.plot([c], [y], marker="|", color="#2b5d8c", ms=10, mew=2, zorder=2)
+        if math.isfinite(d):
+            color = "#1a7f37" if ok else "#c62828"
+            marker = "o" if status not in ("regressed", "flipped-bad", "improved", "flipped-good") else "D"
+            ax.plot([d], [y], marker=marker, color=color, ms=6, zorder=3, mec="black", mew=0.5)
+    ax.axvline(0, color="#c62828", ls="--", lw=1.2)
+    ax.axvline(bl.SAFE_DECADES, color="#555", ls=":", lw=1.5)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r[0] for r in rows], fontsize=7, family="monospace")
+    ax.set_xlabel("decades inside the tolerance (log10; right = intended side; dashed = the bound, "
+                  "dotted = 100× margin)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---- the page -----------------------------------------------------------------------------------
+
+def _seeds_summary(seeds) -> str:
+    if not isinstance(seeds, dict):
+        return json.dumps(seeds)
+    groups: dict[str, int] = {}
+    for v in seeds.values():
+        key = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+        groups[key] = groups.get(key, 0) + 1
+    return "; ".join(f"{k} ({n} case{'s' if n != 1 else ''})" for k, n in groups.items())
+
+
+def _meta_table(meta: dict) -> list[str]:
+    parts = ["<table class='meta'>"]
     for key in ("created", "git_commit", "profile", "device", "device_name", "dtype", "optimizer",
-                "smoke", "status", "versions", "command"):
+                "seeds", "smoke", "status", "versions", "command"):
         value = meta.get(key)
-        if isinstance(value, (dict, list)):
+        if key == "seeds" and value is not None:
+            value = _seeds_summary(value)
+        elif key == "command" and isinstance(value, list):
+            value = " ".join(map(str, value))
+        elif isinstance(value, (dict, list)):
             value = json.dumps(value)
         parts.append(f"<tr><td>{_e(key)}</td><td>{_e(value)}</td></tr>")
     parts.append("</table>")
-    cases_meta = meta.get("cases", {})
-    for claim, claim_verdicts in verdicts.groupby("claim", sort=True):
-        parts.append(f"<h2>{_e(claim)}</h2><table><tr><th>case</th><th>property</th><th>measured</th>"
-                     "<th>expected</th><th>tolerance</th><th>held</th><th>negative control</th>"
-                     "<th>status</th><th>tolerance source</th></tr>")
+    return parts
+
+
+def _legend() -> str:
+    rows = "".join(f"<tr><td class='mark m-{s}'>{_e(m if m.strip() else '·')}</td><td>{_e(s)}</td>"
+                   f"<td>{_e(d)}</td></tr>" for m, s, d in bl.LEGEND)
+    return (
+        "<details><summary>How to read this report</summary>"
+        "<p><b>status</b> says whether each verdict came out as intended (a negative control is as "
+        "intended when its property fails). <b>mark</b> compares the measured value with the baseline: "
+        f"the <b>band</b> is the baseline median ± {bl.K:g} × max(spread, floor), where spread is max − min "
+        f"over the baseline's runs (different seeds). Gaps and ratios that are ≥ 10× from their tolerance "
+        f"are compared in log10 (floor {bl.LOG_FLOOR:g} decade), others linearly (floor "
+        f"{bl.LINEAR_FLOOR:g} × distance to the tolerance). A value ≥ 100× inside its tolerance, with a "
+        "baseline that was too, is unchanged whatever it did: roundoff moves by orders between machines. "
+        "The chart above each table plots every verdict as decades inside its tolerance (right is good), "
+        "with the baseline band as a blue bar and its median as a tick.</p>"
+        f"<table class='legend'><tr><th>mark</th><th>meaning</th><th></th></tr>{rows}</table>"
+        "<p>The command exits 1 when any row is marked !, *, + or −.</p></details>")
+
+
+def _toc_entry(i: int, claim: str, cv: pd.DataFrame, comparison) -> str:
+    ok = cv.ok.astype(bool)
+    text = f"{int(ok.sum())}/{len(cv)} as intended"
+    if comparison is not None:
+        rows = [comparison.rows.get((str(r.case), str(r.property))) for r in cv.itertuples()]
+        bad = [r.status for r in rows if r is not None and r.status in bl.FAILING]
+        new = sum(1 for r in rows if r is not None and r.status == "new")
+        text += (f", {len(bad)} changed ({', '.join(sorted(set(bad)))})" if bad else ", no change") \
+            + (f", {new} new" if new else "")
+    return f"<li><a href='#claim-{i}'>{_e(claim)}</a>: {_e(text)}</li>"
+
+
+def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison=None,
+           baseline_error: str | None = None) -> str:
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             "<title>lr-conformance report</title>", f"<style>{STYLE}</style></head><body>",
+             "<h1>lr-conformance report</h1>"]
+    ok = verdicts.ok.astype(bool) if not verdicts.empty else pd.Series(dtype=bool)
+    verdict_cls = "pass" if (ok.all() and len(ok)) else ("fail" if len(ok) else "info")
+    parts.append(f"<div class='banner {verdict_cls}'><b>{int(ok.sum())} of {len(verdicts)} verdicts as "
+                 f"intended</b> ({int((~ok).sum())} not). A negative control is as intended when its property "
+                 f"fails.</div>")
+    if comparison is not None:
+        cls = "fail" if comparison.failed else "pass"
+        parts.append(f"<div class='banner {cls}'><b>Against the baseline: {_e(comparison.summary())}</b>"
+                     f"<br><small>{_e(comparison.source)}</small>")
+        if comparison.failed:
+            parts.append("<ul>" + "".join(
+                f"<li><code>{_e(r.mark)}</code> {_e(r.status)}: {_e(r.case)} / {_e(r.property)} "
+                f"{_e(r.change)} {_e('(' + r.note + ')' if r.note else '')}</li>" for r in comparison.failing)
+                + "</ul>")
+        parts.append("</div>")
+        for w in comparison.warnings:
+            parts.append(f"<div class='banner warn'>{_e(w)}</div>")
+    elif baseline_error:
+        parts.append(f"<div class='banner warn'>No baseline comparison: {_e(baseline_error)}</div>")
+    else:
+        parts.append("<div class='banner info'>No baseline comparison (no baseline for this run's profile, "
+                     "or a smoke run).</div>")
+    parts.extend(_meta_table(meta))
+    parts.append(_legend())
+    cases_meta = meta.get("cases", {}) if isinstance(meta.get("cases"), dict) else {}
+    has_base = comparison is not None
+    claims = list(verdicts.groupby("claim", sort=True))
+    if len(claims) > 1:
+        parts.append("<ul class='toc'>" + "".join(_toc_entry(i, claim, cv, comparison)
+                                                    for i, (claim, cv) in enumerate(claims)) + "</ul>")
+    for i, (claim, claim_verdicts) in enumerate(claims):
+        parts.append(f"<h2 id='claim-{i}'>{_e(claim)}</h2>")
+        chart = margin_chart(claim_verdicts, comparison)
+        if chart:
+            parts.append(f'<figure><img alt="margin to the tolerance per verdict for {_e(claim)}" '
+                         f'src="{chart}"><figcaption>{_e(claim)}: every verdict, decades inside its '
+                         f"tolerance (dot: this run, green as intended, red not, diamond: left its band; "
+                         f"blue bar: baseline band)</figcaption></figure>")
+        head = ("<th>case</th><th>property</th><th>measured</th><th>expected</th><th>tolerance</th>"
+                "<th>held</th><th>negative control</th><th>status</th>")
+        if has_base:
+            head = ("<th>mark</th>" + head + "<th>baseline median (n)</th><th>band</th><th>change</th>"
+                    "<th>note</th>")
+        parts.append(f"<table class='verdicts'><tr>{head}<th>tolerance source</th></tr>")
         for r in claim_verdicts.itertuples():
             good = bool(r.ok)
-            parts.append(
-                f"<tr class='{'ok' if good else 'bad'}'><td>{_e(r.case)}</td><td>{_e(r.property)}</td>"
-                f"<td class='num'>{_e(_fmt(r.measured))}</td><td>{_e(r.expected)}</td>"
-                f"<td class='num'>{_e(_fmt(r.tolerance))}</td><td>{_e(r.passed)}</td>"
-                f"<td>{_e(r.negative)}</td><td class='status'>{'as intended' if good else 'NOT as intended'}</td>"
-                f"<td>{_e(r.source)}</td></tr>")
+            crow = comparison.rows.get((str(r.case), str(r.property))) if has_base else None
+            cells = (f"<td class='id'>{_e(r.case)}</td><td class='id'>{_e(r.property)}</td>"
+                     f"<td class='num'>{_e(_fmt(r.measured))}</td><td class='expected'>{_e(r.expected)}</td>"
+                     f"<td class='num'>{_e(_fmt(r.tolerance))}</td><td>{_e(r.passed)}</td>"
+                     f"<td>{_e(r.negative)}</td><td class='status'>{'as intended' if good else 'NOT as intended'}</td>")
+            status_attr = ""
+            if crow is not None:
+                status_attr = f" data-change='{_e(crow.status)}'"
+                mark = crow.mark if crow.mark.strip() else ""
+                cells = (f"<td class='mark m-{_e(crow.status)}'>{_e(mark)} {_e(crow.status)}</td>" + cells
+                         + (f"<td class='num'>{_e(_fmt(crow.baseline_median))} ({crow.baseline_n})</td>"
+                            if crow.status != "new" else "<td></td>")
+                         + f"<td class='num band'>{_e(crow.band.describe() if crow.band else '')}</td>"
+                         f"<td class='num'>{_e(crow.change)}</td><td class='note'>{_e(crow.note)}</td>")
+            parts.append(f"<tr class='{'ok' if good else 'bad'}'{status_attr}>{cells}"
+                         f"<td class='src'>{_e(r.source)}</td></tr>")
         parts.append("</table>")
+        parts.append("<div class='cases'>")
         for case_id in claim_verdicts.case.unique():
-            figs = [f for m, log in PLOTS.items() if (f := _plot(results, case_id, m, log))]
+            figs = case_figures(results, case_id, claim_verdicts[claim_verdicts.case == case_id])
             if figs:
-                secs = cases_meta.get(case_id, {}).get("seconds")
-                parts.append(f"<h3>{_e(case_id)}" + (f" <small>({_e(secs)} s)</small>" if secs else "") + "</h3>")
+                secs = cases_meta.get(case_id, {}).get("seconds") if isinstance(cases_meta.get(case_id), dict) else None
+                parts.append(f"<div class='case'><h3>{_e(case_id)}"
+                             + (f" <small>({_e(secs)} s)</small>" if secs else "") + "</h3>")
                 parts.extend(figs)
+                parts.append("</div>")
+        parts.append("</div>")
+    if comparison is not None and comparison.gone:
+        parts.append("<h2>Baseline rows not in this run</h2><p>Not a failure: the run covered fewer cases "
+                     "(or a case or property was renamed or removed; then update the baseline).</p>"
+                     "<table class='gone'><tr><th>case</th><th>property</th></tr>")
+        parts.extend(f"<tr><td class='id'>{_e(c)}</td><td class='id'>{_e(p)}</td></tr>" for c, p in comparison.gone)
+        parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(run_dir: Path | str, out: Path | str) -> None:
+AUTO = "auto"
+
+
+def load_comparison(verdicts: pd.DataFrame, meta: dict, path: Path | str) -> "bl.Comparison":
+    """Read the baseline at `path` and compare; raises BaselineError with a one-line message."""
+    base = bl.read(path)
+    return bl.compare(verdicts, base, meta, Path(path))
+
+
+def write_report(run_dir: Path | str, out: Path | str, baseline: Path | str | None = AUTO,
+                 strict: bool = False):
+    """Write the report; return the baseline Comparison (None without one).
+
+    baseline: a path, None (no comparison), or AUTO: baselines/<profile>.csv when it exists.
+    An unreadable baseline raises BaselineError when it was named or `strict` (the `report`
+    command: exit 2); otherwise (AUTO after `run --html`) it becomes a warning in the report, so a
+    finished run always gets its report."""
     results, verdicts, meta = RunDir(run_dir).read()
-    atomic_write_text(Path(out), render(results, verdicts, meta))
+    comparison, error = None, None
+    path = bl.resolve(meta, None) if baseline == AUTO else baseline
+    if path is not None and not meta.get("smoke"):
+        try:
+            comparison = load_comparison(verdicts, meta, path)
+        except bl.BaselineError as exc:
+            if baseline != AUTO or strict:
+                raise
+            error = str(exc)
+    atomic_write_text(Path(out), render(results, verdicts, meta, comparison, error))
+    return comparison

@@ -44,9 +44,10 @@ class Arm:
     name: str
     si: Group
     other: Group | None = None
-    # Relative size of a random perturbation of the initial SI weights (0: none). A "twin" arm of
-    # the reference with ~1e-15 measures how fast float64 roundoff is amplified by the dynamics.
-    init_noise: float = 0.0
+    # Size of a random perturbation of the initial SI weights, in units of the dtype's machine
+    # epsilon relative to ‖θ0‖ (0: none). A "twin" of the reference arm perturbed by a few ulps
+    # measures how fast roundoff is amplified by the dynamics (the roundoff floor).
+    init_noise_ulps: float = 0.0
     # The SI weights start at init_scale × θ0 (the intrinsic-LR reparametrization); with
     # scale_other the remaining trainable parameters are rescaled too (a negative control).
     init_scale: float = 1.0
@@ -98,6 +99,9 @@ class Case:
     reference_arm: str | None = None
     description: str = ""
     xfail: str | None = None  # reason (with measured numbers) why the claim does not reproduce here
+    # An exact case that enters the conformance matrix (harness.matrix): crossed with norms, dtypes
+    # and optimizer implementations.
+    matrix: bool = False
 
     @property
     def reference(self) -> str:

@@ -4,13 +4,14 @@ import pytest
 from harness.session import cuda_missing, execute
 
 
-def test_case(conformance_case, run_env):
+def test_case(conformance_case, run_env, record_outcome):
     case = conformance_case
     if case.profile == "gpu" and not run_env.smoke and run_env.device_for(case) == "cpu":
         pytest.skip("a full GPU-profile case on the CPU takes hours: add --smoke for the dry run")
     if cuda_missing(case, run_env):
         pytest.skip("requires CUDA")
     outcome = execute(case, run_env)
+    record_outcome(outcome, run_env)  # into the session's run directory with --run-dir/--report
     if outcome.status == "skipped":
         pytest.skip(outcome.message)
     if run_env.smoke:

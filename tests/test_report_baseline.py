@@ -1,0 +1,404 @@
+"""Baselines (`python -m harness baseline update`), the band and the marks of the regression
+comparison, `report --baseline` exit codes, and the pytest front's `--run-dir/--report` (xdist
+workers' parts merged by the controller).
+
+The band rules are tested on synthetic rows (harness.baseline's docstring states them); the planted
+regressions run real cases. Every output goes under tmp_path.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import baseline as bl
+from harness import registry, report, store
+from harness.checks import VERDICT_COLUMNS
+from harness.cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, main
+from harness.runner import RESULT_COLUMNS
+
+REPO = Path(__file__).resolve().parent.parent
+LN = "wdexp-zerobuf-mlp-ln"  # exact: gap ~1e-14 against 1e-9, far inside the safe margin
+IN = "wdexp-zerobuf-cnn-in"  # chaotic: a ratio ~0.2 against 10, inside the band-checked zone
+EVIL = "<script>alert(1)</script>"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def base_row(median, lo, hi, tol, *, passed=True, negative=False, n=3, case="c", prop="p") -> pd.Series:
+    return pd.Series(dict(case=case, property=prop, median=median, min=lo, max=hi, n=n, tolerance=tol,
+                          passed=passed, ok=passed != negative, negative=negative))
+
+
+def cur_row(measured, tol, *, passed=None, negative=False, below=True, case="c", prop="p") -> pd.Series:
+    if passed is None:
+        passed = (measured < tol) if below else (measured > tol)
+        passed = bool(passed) and not math.isnan(measured)
+    return pd.Series(dict(case=case, property=prop, measured=measured, tolerance=tol, passed=passed,
+                          negative=negative, ok=(passed != negative) and not math.isnan(measured)))
+
+
+# ---- the band and the marks ---------------------------------------------------------------------
+
+ROUNDOFF = base_row(1e-13, 6e-14, 1.5e-13, 1e-9)
+F32 = base_row(8e-7, 5e-7, 9e-7, 1e-5)
+NEG = base_row(2e-3, 1.5e-3, 2.5e-3, 1e-5, passed=False, negative=True)
+NEAR = base_row(0.93, 0.929, 0.931, 0.9)  # a "stays above 0.9" property, 3% from its bound: linear
+
+
+@pytest.mark.parametrize("base, measured, below, negative, status", [
+    # Roundoff-level gaps move by orders between BLAS builds: unchanged while ≥ 100× inside.
+    (ROUNDOFF, 1e-15, True, False, "unchanged"),
+    (ROUNDOFF, 3e-12, True, False, "unchanged"),
+    (ROUNDOFF, 1.2e-13, True, False, "unchanged"),
+    # ... but entering the last two decades before the bound is a regression, and crossing a flip.
+    (ROUNDOFF, 5e-11, True, False, "regressed"),
+    (ROUNDOFF, 2e-9, True, False, "flipped-bad"),
+    # float32 roundoff at 12× from its bound: the band (≥ ×3.2 either way) decides.
+    (F32, 1.5e-6, True, False, "unchanged"),
+    (F32, 6e-6, True, False, "regressed"),
+    (F32, 1e-8, True, False, "improved"),
+    # A negative control: towards the bound is the bad direction; far away is fine.
+    (NEG, 1e-4, True, True, "regressed"),
+    (NEG, 1e-6, True, True, "flipped-bad"),
+    (NEG, 1.0, True, True, "unchanged"),
+    (NEG, 3e-3, True, True, "unchanged"),
+    # Near its bound, a property is compared linearly (floor 10% of the distance to the bound).
+    (NEAR, 0.933, False, False, "unchanged"),
+    (NEAR, 0.92, False, False, "regressed"),
+    (NEAR, 0.945, False, False, "improved"),
+    (NEAR, 0.89, False, False, "flipped-bad"),
+    # Not measured any more: the verdict flips (a NaN never passes).
+    (ROUNDOFF, math.nan, True, False, "flipped-bad"),
+])
+def test_band_and_marks(base, measured, below, negative, status):
+    row = bl.compare_row(cur_row(measured, float(base.tolerance), below=below, negative=negative), base)
+    assert row.status == status, (row, measured)
+    assert row.mark == bl.MARKS[status]
+
+
+def test_flipped_to_as_intended_and_new():
+    was_failing = base_row(5e-6, 4e-6, 6e-6, 1e-9, passed=False)
+    row = bl.compare_row(cur_row(1e-13, 1e-9), was_failing)
+    assert (row.status, row.mark) == ("flipped-good", "*") and "was NOT as intended" in row.note
+    row = bl.compare_row(cur_row(1e-13, 1e-9), None)
+    assert (row.status, row.mark) == ("new", "n")
+
+
+def test_band_definition_numbers():
+    band = bl.band_for(F32)  # log10: spread log10(9/5) = 0.255 decades > floor 0.25
+    assert band.scale == "log10"
+    assert band.half_width == pytest.approx(2 * math.log10(9 / 5))
+    assert band.lo == pytest.approx(8e-7 / (9 / 5) ** 2) and band.hi == pytest.approx(8e-7 * (9 / 5) ** 2)
+    tight = bl.band_for(base_row(1e-3, 1e-3, 1e-3, 1.0))  # n runs all equal: the floor
+    assert tight.half_width == pytest.approx(2 * bl.LOG_FLOOR)
+    near = bl.band_for(NEAR)
+    assert near.scale == "linear" and near.half_width == pytest.approx(2 * 0.1 * 0.03)
+    nonpos = bl.band_for(base_row(0.0, -0.01, 0.01, 0.03))
+    assert nonpos.scale == "linear" and nonpos.half_width == pytest.approx(2 * 0.02)
+
+
+def test_a_tolerance_change_is_noted():
+    row = bl.compare_row(cur_row(1e-13, 1e-8), ROUNDOFF)
+    assert row.status == "unchanged" and "tolerance changed from 1e-09" in row.note
+
+
+# ---- reading baselines: one-line errors ------------------------------------------------------------
+
+GOOD_CSV = ("case,property,median,min,max,n,tolerance,passed,ok,negative\n"
+            "c,p,1e-13,1e-13,1e-13,3,1e-09,True,True,False\n")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (None, r"no such file .*baseline update"),
+    ("", r"empty file"),
+    ("case,property,median,min,max,n,tolerance,passed,ok,negative\n", r"no rows"),
+    ("case,property\nc,p\n", r"missing column\(s\) median, min, max, n, tolerance, passed, ok, negative"),
+    (GOOD_CSV.replace("1e-13,1e-13,1e-13", "abc,1e-13,1e-13"), r"column 'median' is not a number for c/p"),
+    (GOOD_CSV.replace("True,True,False", "maybe,True,False"), r"column 'passed' must be True/False"),
+    (GOOD_CSV + GOOD_CSV.splitlines()[1] + "\n", r"c/p appears twice"),
+    ('case,property,median\n"c,p,1\n', r"not a readable CSV|missing column"),
+    (b"\xff\xfe\x00garbage\x00\xff", r"not a readable CSV|missing column"),
+], ids=["missing", "empty", "header-only", "missing-columns", "not-a-number", "bad-bool", "duplicate",
+        "broken-quote", "binary"])
+def test_unreadable_baseline_is_one_line_exit_2(capsys, tmp_path, synthetic_run, content, pattern):
+    path = tmp_path / "base.csv"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(bl.BaselineError, match=pattern):
+        bl.read(path)
+    rc, _, err = run_cli(capsys, "report", synthetic_run, "--baseline", path, "--html", tmp_path / "r.html")
+    assert rc == EXIT_BAD_INPUT
+    line = one_line(err)
+    assert line.startswith("error: baseline ") and str(path) in line and re.search(pattern, line)
+
+
+# ---- baseline update ----------------------------------------------------------------------------
+
+def write_run(path: Path, measured: dict[tuple[str, str], float], *, profile="cpu", seeds=(0,), smoke=False,
+              ok=None, torch_version="2.14.1") -> Path:
+    rows = []
+    for (case, prop), value in measured.items():
+        tol = 1e-9 if prop != "acc" else 0.9
+        passed = value < tol if prop != "acc" else value > tol
+        okv = passed if ok is None else ok.get((case, prop), passed)
+        rows.append(dict(case=case, claim="claim", property=prop, measured=value, expected=f"max gap < {tol}",
+                         tolerance=tol, passed=passed if ok is None else okv, negative=False, ok=okv, source="s",
+                         detail=""))
+    run = store.RunDir(path)
+    run.write_verdicts(pd.DataFrame(rows, columns=VERDICT_COLUMNS))
+    run.write_results(pd.DataFrame([(c, "exp", s, 1, "train_gap", v) for (c, _), v in measured.items() for s in seeds],
+                                   columns=RESULT_COLUMNS))
+    run.write_metadata({"created": "2026-01-01T00:00:00+00:00", "git_commit": "abc", "profile": profile,
+                        "device": "cpu", "device_name": "cpu (x86_64, 2 cores, 2 torch threads)",
+                        "optimizer": "torch.optim:SGD", "smoke": smoke, "status": "finished",
+                        "versions": {"torch": torch_version},
+                        "seeds": {c: list(seeds) for c, _ in measured}})
+    return path
+
+
+@pytest.fixture
+def synthetic_run(tmp_path) -> Path:
+    return write_run(tmp_path / "synthetic", {("a", "gap"): 1e-13, ("b", "acc"): 0.95})
+
+
+def test_baseline_update_median_spread_n(capsys, tmp_path, monkeypatch):
+    runs = [write_run(tmp_path / f"s{s}", {("a", "gap"): v, ("b", "acc"): acc}, seeds=(s,))
+            for s, v, acc in ((0, 1e-13, 0.95), (1, 4e-13, 0.96), (2, 2e-13, 0.97))]
+    monkeypatch.setattr(bl, "BASELINE_DIR", tmp_path / "baselines")
+    rc, out, err = run_cli(capsys, "baseline", "update", *runs)
+    assert rc == EXIT_OK, err
+    path = tmp_path / "baselines" / "cpu.csv"
+    assert str(path) in out and "n = 3–3" in out
+    base = bl.read(path)
+    a = base.set_index("case").loc["a"]
+    assert (a["median"], a["min"], a["max"], a["n"]) == (2e-13, 1e-13, 4e-13, 3)
+    assert a["spread"] == pytest.approx(3e-13)
+    assert a["torch"] == "2.14.1" and a["device_class"] == "cpu/x86_64" and a["seeds"] == "0;1;2"
+    assert bool(a["ok"]) and bool(a["passed"]) and a["tolerance"] == 1e-9
+    assert list(pd.read_csv(path).columns) == bl.COLUMNS
+    # A run of the same code compares clean against it: exit 0, everything unchanged.
+    rc, out, err = run_cli(capsys, "report", runs[1], "--html", tmp_path / "r.html")
+    assert rc == EXIT_OK, err
+    assert "2 unchanged" in out
+
+
+@pytest.mark.parametrize("setup, pattern", [
+    ("smoke", r"--smoke run has no verdicts"),
+    ("profiles", r"differ in profile"),
+    ("unstable", r"a/gap: ok is 1 of 2 runs True; a baseline needs a verdict that is stable"),
+    ("torch", r"differ in torch version"),
+    ("not-a-run", r"is not a run directory"),
+    ("no-profile", r"no profile .*--out FILE"),
+], ids=["smoke", "profiles", "unstable", "torch", "not-a-run", "no-profile"])
+def test_baseline_update_refuses_bad_runs(capsys, tmp_path, monkeypatch, setup, pattern):
+    monkeypatch.setattr(bl, "BASELINE_DIR", tmp_path / "baselines")
+    one = write_run(tmp_path / "one", {("a", "gap"): 1e-13}, seeds=(0,))
+    other = {
+        "smoke": lambda p: write_run(p, {("a", "gap"): 1e-13}, seeds=(1,), smoke=True),
+        "profiles": lambda p: write_run(p, {("a", "gap"): 1e-13}, seeds=(1,), profile="gpu"),
+        "unstable": lambda p: write_run(p, {("a", "gap"): 1e-13}, seeds=(1,), ok={("a", "gap"): False}),
+        "torch": lambda p: write_run(p, {("a", "gap"): 1e-13}, seeds=(1,), torch_version="2.0.0"),
+        "not-a-run": lambda p: p,
+        "no-profile": None,
+    }[setup]
+    if setup == "no-profile":
+        runs = [write_run(tmp_path / "np", {("a", "gap"): 1e-13}, profile=None)]
+    else:
+        runs = [one, other(tmp_path / "other")]
+    rc, _, err = run_cli(capsys, "baseline", "update", *runs)
+    assert rc == EXIT_BAD_INPUT
+    assert re.search(pattern, one_line(err)), err
+    assert not (tmp_path / "baselines").exists()
+
+
+def test_baseline_update_warns_when_runs_share_seeds(capsys, tmp_path):
+    runs = [write_run(tmp_path / f"r{i}", {("a", "gap"): 1e-13}) for i in range(2)]
+    rc, _, err = run_cli(capsys, "baseline", "update", *runs, "--out", tmp_path / "b.csv")
+    assert rc == EXIT_OK and "same seeds" in err
+
+
+# ---- default baseline, escaping, plot registry ------------------------------------------------------
+
+def test_default_baseline_is_the_profiles_and_run_html_survives_a_broken_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(bl, "BASELINE_DIR", tmp_path / "baselines")
+    run = write_run(tmp_path / "run", {("a", "gap"): 1e-13})
+    rc, out, _ = run_cli(capsys, "report", run, "--html", tmp_path / "none.html")
+    assert rc == EXIT_OK and "unchanged" not in out  # no baselines/cpu.csv: no comparison
+    assert "No baseline comparison" in (tmp_path / "none.html").read_text()
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "baselines" / "cpu.csv").write_text(GOOD_CSV.replace("c,p,", "a,gap,"))
+    rc, out, _ = run_cli(capsys, "report", run, "--html", tmp_path / "r.html")
+    assert rc == EXIT_OK and "cpu.csv: 1 unchanged" in out
+    rc, out, _ = run_cli(capsys, "report", run, "--no-baseline", "--html", tmp_path / "r.html")
+    assert rc == EXIT_OK and "unchanged" not in out
+    (tmp_path / "baselines" / "cpu.csv").write_text("garbage\n")
+    rc, _, err = run_cli(capsys, "report", run, "--html", tmp_path / "r.html")
+    assert rc == EXIT_BAD_INPUT and "missing column" in one_line(err)
+    # After `run --html` the default baseline is optional: the report says why it has no comparison.
+    assert report.write_report(run, tmp_path / "after-run.html") is None
+    page = (tmp_path / "after-run.html").read_text()
+    assert "No baseline comparison: baseline " in page and "missing column" in page
+
+
+def test_baseline_text_is_escaped(capsys, tmp_path):
+    run = write_run(tmp_path / "run", {("a", "gap"): 1e-13}, profile=EVIL)
+    base = tmp_path / "evil.csv"
+    pd.DataFrame([dict(case=EVIL, property=EVIL, median=1.0, min=1.0, max=1.0, n=1, tolerance=2.0, passed=True,
+                       ok=True, negative=False, torch=EVIL, device_class=EVIL, seeds=EVIL, created=EVIL)]).to_csv(
+        base, index=False)
+    rc, _, _ = run_cli(capsys, "report", run, "--baseline", base, "--html", tmp_path / "r.html")
+    assert rc == EXIT_OK  # a baseline row this run lacks is listed, never failed
+    page = (tmp_path / "r.html").read_text()
+    assert EVIL not in page and "&lt;script&gt;" in page and "<script" not in page.lower()
+    assert "Baseline rows not in this run" in page
+
+
+def test_plot_registry_is_extensible(tmp_path):
+    run = write_run(tmp_path / "run", {("a", "gap"): 1e-13})
+
+    @report.register_plot("angular update vs theory")
+    def angular(results, ctx):
+        fig = report.line_plot(results, ylabel="angle")
+        return [(fig, f"{ctx.case_id}: angular update vs theory")]
+    try:
+        report.write_report(run, tmp_path / "r.html", None)
+    finally:
+        del report.PLOTTERS["angular update vs theory"]
+    page = (tmp_path / "r.html").read_text()
+    assert "a: angular update vs theory" in page
+
+
+# ---- planted regressions on real runs ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """LN (exact) and IN (chaotic, band-checked) on seed 0, and a baseline made from that run."""
+    root = tmp_path_factory.mktemp("real")
+    assert main(["run", LN, IN, "--profile", "cpu", "--seeds", "0", "--out", str(root / "run")]) == EXIT_OK
+    assert main(["baseline", "update", str(root / "run"), "--out", str(root / "base.csv")]) == EXIT_OK
+    return root
+
+
+def test_a_run_against_its_own_baseline_is_unchanged(capsys, real_run, tmp_path):
+    rc, out, err = run_cli(capsys, "report", real_run / "run", "--baseline", real_run / "base.csv",
+                           "--html", tmp_path / "r.html")
+    assert rc == EXIT_OK, err
+    verdicts = store.RunDir(real_run / "run").read()[1]
+    assert f"{len(verdicts)} unchanged" in out
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<tr class='ok' data-change='unchanged'") == len(verdicts)
+
+
+def test_planted_regression_band_exits_1(capsys, real_run, tmp_path):
+    base = pd.read_csv(real_run / "base.csv")
+    row = (base.case == IN)
+    measured = float(base.loc[row, "median"].iloc[0])
+    assert 10 / 100 < measured < 10, "the IN ratio should sit inside the band-checked zone (< 100× from 10)"
+    for col in ("median", "min", "max"):
+        base.loc[row, col] = measured / 30  # the baseline moved: today's value is 1.5 decades above it
+    planted = tmp_path / "planted.csv"
+    base.to_csv(planted, index=False)
+    rc, out, err = run_cli(capsys, "report", real_run / "run", "--baseline", planted, "--html", tmp_path / "r.html")
+    assert rc == EXIT_FAIL
+    line = one_line(err)
+    assert line.startswith(f"regression against baseline {planted}") and f"{IN}/" in line and "regressed" in line
+    assert "1 regressed" in out
+    page = (tmp_path / "r.html").read_text()
+    assert "data-change='regressed'" in page and "+ regressed" in page
+    assert "Against the baseline: " in page and "class='banner fail'" in page
+
+
+def test_planted_flip_exits_1(capsys, real_run, tmp_path):
+    # A real flip: the decoupled-WD optimizer breaks the exact case the baseline has passing.
+    out_dir = tmp_path / "sgdw"
+    rc, _, _ = run_cli(capsys, "run", LN, "--profile", "cpu", "--seeds", "0", "--optimizer", "harness.optim:SGDW",
+                       "--out", out_dir)
+    assert rc == EXIT_FAIL
+    rc, out, err = run_cli(capsys, "report", out_dir, "--baseline", real_run / "base.csv",
+                           "--html", tmp_path / "r.html")
+    assert rc == EXIT_FAIL
+    assert "flipped-bad" in one_line(err) and LN in err
+    page = (tmp_path / "r.html").read_text()
+    assert "data-change='flipped-bad'" in page and "baseline optimizer torch.optim:SGD" in page
+    # The other way round: a verdict that now holds where the baseline had it failing.
+    base = pd.read_csv(real_run / "base.csv")
+    base.loc[base.case == LN, ["passed", "ok"]] = False
+    planted = tmp_path / "planted.csv"
+    base.to_csv(planted, index=False)
+    rc, out, err = run_cli(capsys, "report", real_run / "run", "--baseline", planted, "--html", tmp_path / "r2.html")
+    assert rc == EXIT_FAIL and "flipped-good" in one_line(err)
+
+
+# ---- the pytest front: --run-dir / --report ----------------------------------------------------------
+
+def inner_pytest(*args, timeout=600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+FAST_IDS = ["wdexp-zerobuf-mlp-ln", "wdexp-zerobuf-mlp-gn", "wdexp-neg-eval-running-stats"]
+
+
+def test_pytest_xdist_workers_merge_into_one_run_dir(tmp_path):
+    run_dir, html = tmp_path / "run", tmp_path / "r.html"
+    proc = inner_pytest("tests/test_cases.py", "-n", "2", "-k", " or ".join(FAST_IDS), "--seeds", "0",
+                        "--run-dir", run_dir, f"--report={html}", "--baseline", "none")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"run directory {run_dir}" in proc.stdout
+    results, verdicts, meta = store.RunDir(run_dir).read()
+    assert list(verdicts.case.unique()) == [c for c in registry.all_cases() if c in FAST_IDS]  # registry order
+    assert len(verdicts) == sum(len(registry.get(c).properties) for c in FAST_IDS)
+    assert set(results.case) == set(FAST_IDS) and set(results.seed) == {0}
+    for c in FAST_IDS:  # every row of every case, nothing duplicated
+        assert not results[results.case == c].duplicated().any()
+    assert meta["profile"] == "cpu" and set(meta["cases"]) == set(FAST_IDS)
+    assert all(v["status"] == "ok" and v["pytest"] == "passed" for v in meta["cases"].values())
+    assert set(meta["workers"]) <= {"gw0", "gw1"} and meta["workers"]
+    assert meta["command"][:3] == ["python", "-m", "pytest"]
+    assert not list(run_dir.glob(".parts-*")), "the parts are removed after the merge"
+    page = html.read_text()
+    assert page.count("<tr class='ok'") == len(verdicts)
+
+
+def test_pytest_report_fails_the_session_on_a_regression(tmp_path):
+    run_dir = tmp_path / "run"
+    base = tmp_path / "base.csv"
+    rows = [dict(case=LN, property=p.name, median=1e-13, min=1e-13, max=1e-13, n=3, tolerance=1e-9,
+                 passed=False, ok=False, negative=False) for p in registry.get(LN).properties]
+    pd.DataFrame(rows).to_csv(base, index=False)  # the baseline had LN failing: today it flips
+    proc = inner_pytest("tests/test_cases.py", "-k", LN, "--seeds", "0", "--run-dir", run_dir,
+                        "--baseline", base, "--report")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "1 passed" in proc.stdout and "flipped-good" in proc.stdout
+    assert (run_dir / "report.html").exists()
+    assert store.RunDir(run_dir).read()[2]["cases"][LN]["status"] == "ok"
+
+
+def test_pytest_report_option_rejects_a_non_html_path():
+    proc = inner_pytest("--co", "--report", "tests/test_cases.py", timeout=120)
+    assert proc.returncode == 4 and "--report takes an .html path" in proc.stderr
