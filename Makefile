@@ -4,7 +4,7 @@ PY := .venv/bin/python
 HARNESS_DATA ?= $(abspath ../shared/data)
 export HARNESS_DATA
 
-.PHONY: cpu test gpu-smoke clean-venv
+.PHONY: cpu test matrix clean-venv
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -20,6 +20,10 @@ cpu: .venv/.installed
 # Tests: engine tests and every CPU case (2 workers), then the GPU path dry-run on the CPU.
 test: .venv/.installed
 	scripts/run-tests
+
+# The conformance matrix: matrix.csv + matrix.md under runs/matrix-latest, summary copied to reports/.
+matrix: .venv/.installed
+	$(PY) -m harness matrix --out runs/matrix-latest; rc=$$?; cp runs/matrix-latest/matrix.md reports/matrix.md; exit $$rc
 
 clean-venv:
 	rm -rf .venv
