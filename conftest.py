@@ -51,6 +51,11 @@ def pytest_configure(config):
     for marker in ("cpu", "gpu", "slow", "negative"):
         config.addinivalue_line("markers", f"{marker}: see pyproject.toml")
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One GPU per worker ("gw3" -> GPU 3 mod the count), set before anything starts CUDA; the
+        # controller counted the GPUs (pytest_configure_node below). A user's CUDA_VISIBLE_DEVICES wins.
+        from harness.device import pin_worker_gpu
+        pin_worker_gpu(os.environ["PYTEST_XDIST_WORKER"],
+                       int(getattr(config, "workerinput", {}).get("lrc_n_gpus", 0)))
         # Two workers with two threads each slow each other down several-fold on 2 cores.
         import torch
         torch.set_num_threads(1)
@@ -60,6 +65,23 @@ def pytest_configure(config):
     settings.register_profile("thorough", deadline=None, max_examples=300)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
     _configure_run_dir(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller: tell each worker how many GPUs there are (counted here, where no test runs)."""
+    from harness.device import gpu_count
+    node.workerinput["lrc_n_gpus"] = gpu_count()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` for the GPU profile on CUDA: one worker per GPU; otherwise (no GPU, the CPU profile,
+    --device cpu, or PYTEST_XDIST_AUTO_NUM_WORKERS set) xdist's own default."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    from harness.device import auto_workers, gpu_count
+    return auto_workers(gpu_count(), config.getoption("markexpr"), config.getoption("--device"))
 
 
 def pytest_generate_tests(metafunc):

@@ -1,6 +1,6 @@
-"""Seconds per CPU case, start to verdict, through harness.session.execute (what the CLI and the
+"""CPU seconds per CPU case, start to verdict, through harness.session.execute (what the CLI and the
 pytest front both call), on the default optimizer and the case's own seeds."""
-from ._common import safe_import, warm_torch_optim
+from ._common import TIMER, safe_import, warm_torch_optim
 
 with safe_import():
     from harness import registry
@@ -25,6 +25,7 @@ class CaseRun:
     repeat = (1, 3, 20.0)
     warmup_time = 0
     timeout = 300
+    timer = TIMER  # CPU seconds: a case runs on 1 thread
 
     def setup(self, case_id):
         warm_torch_optim()

@@ -2,20 +2,21 @@
 
 Model, arms, batch and probe are built in setup (outside the timed region) the way
 harness.runner.run_seed builds them; the timed code is the harness's own ArmState.step and
-observers. asv reports seconds; the README quotes them in ms. All figures are lower-is-better.
+observers. Times are CPU seconds (_common.TIMER); the README quotes them in ms. All figures are
+lower-is-better.
 """
-from ._common import CYCLE, MODEL_CASES, RawLoop, best_of, lockstep_state, lockstep_update
+from ._common import CYCLE, MODEL_CASES, TIMER, RawLoop, best_of, lockstep_state, lockstep_update
 
 MODELS = list(MODEL_CASES)
 # The in-process ratios alternate short chunks of the two variants (ROUNDS chunks of INNER calls
 # each) and compare the best chunk of each: load from other processes hits both alike, and the
 # minimum is the figure it disturbs least. About 1-6 s per ratio on 1 thread.
 INNER = {"norm_mlp": 100, "norm_cnn": 50, "resnet18_cifar": 1}
-ROUNDS = {"norm_mlp": 10, "norm_cnn": 10, "resnet18_cifar": 3}
+ROUNDS = {"norm_mlp": 15, "norm_cnn": 15, "resnet18_cifar": 3}
 
 
 def ratio(model: str, candidate, baseline) -> float:
-    """best seconds per call of `candidate` / best of `baseline`, interleaved in this process."""
+    """best CPU seconds per call of `candidate` / best of `baseline`, interleaved in this process."""
     cand, base = [], []
     for _ in range(ROUNDS[model]):
         base.append(best_of(baseline, 1, INNER[model]))
@@ -29,6 +30,7 @@ class LockstepUpdate:
 
     params = (MODELS, [False, True])
     param_names = ("model", "measured")
+    timer = TIMER
     repeat = (1, 5, 10.0)  # ResNet-18 with measurements is ~1 s a call: cap the samples
 
     def setup(self, model, measured):
@@ -46,6 +48,7 @@ class ArmStep:
     params = MODELS
     param_names = ("model",)
     repeat = (1, 5, 10.0)
+    timer = TIMER
 
     def setup(self, model):
         self.s = lockstep_state(model)

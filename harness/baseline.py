@@ -16,8 +16,8 @@ The band (what "unchanged" means), for a value v against a baseline row (median 
   10% of |t − m| on the linear scale. Band = [m − w, m + w] on that scale. With runs made from
   different seeds, a run with the cases' own seeds lands inside [min, max] for the max/min/median
   aggregations the checks use, so it lies inside the band by construction.
-* Safe margin. When v and m are both on the intended side of t by at least 100× (2 decades), the
-  value is `unchanged` whatever it did: roundoff-level gaps (1e-16…1e-12) jump by orders between BLAS
+* Safe margin. When v and m are both on the intended side of t by at least 100× (2 decades;
+  v ≤ t/100 for an upper bound, 0 included), the value is `unchanged` whatever it did: roundoff-level gaps (1e-16…1e-12) jump by orders between BLAS
   builds, thread counts and CPUs, and mean nothing while they stay that far from the bound.
   (The negative controls' own tests already require a 100× miss.)
 
@@ -231,6 +231,14 @@ def margin_decades(value: float, tol: float, better: str | None) -> float:
     return d if better == "lower" else -d
 
 
+def safe(value: float, tol: float, better: str | None) -> bool:
+    """At least 100× inside the tolerance on the intended side (0 counts as inside `< t`)."""
+    if not (math.isfinite(value) and math.isfinite(tol)) or tol <= 0 or better is None:
+        return False
+    factor = 10 ** SAFE_DECADES
+    return value * factor <= tol if better == "lower" else value >= tol * factor
+
+
 @dataclass
 class Band:
     scale: str  # 'log10' or 'linear'
@@ -345,8 +353,7 @@ def compare_row(cur: pd.Series, base: pd.Series | None) -> Row:
         delta = x - c
         if abs(delta) <= band.half_width:
             row.status = "unchanged"
-        elif (margin_decades(value, tol, better) >= SAFE_DECADES
-              and margin_decades(band.center, btol, better) >= SAFE_DECADES):
+        elif safe(value, tol, better) and safe(band.center, btol, better):
             row.status = "unchanged"
             notes.append("outside the band but ≥ 100× inside the tolerance")
         elif better is None:

@@ -168,6 +168,14 @@ MEASUREMENTS: dict[str, Callable] = {
 }
 
 
+def _register_sphere() -> None:
+    from harness import sphere
+    MEASUREMENTS.update(sphere.MEASUREMENTS)
+
+
+_register_sphere()
+
+
 def resolve(spec: str | tuple[str, dict]) -> tuple[str, Callable, int]:
     """'name' or ('name', {'every': k}) -> (name, observer, every)."""
     name, kw = (spec, {}) if isinstance(spec, str) else spec
@@ -175,6 +183,12 @@ def resolve(spec: str | tuple[str, dict]) -> tuple[str, Callable, int]:
         raise ValueError(f"unknown measurement {name!r}; known: {sorted(MEASUREMENTS)}")
     kw = dict(kw)
     every = int(kw.pop("every", 1))
-    if kw:
-        raise ValueError(f"measurement {name!r}: unknown options {sorted(kw)} (only 'every')")
-    return name, MEASUREMENTS[name], every
+    observer = MEASUREMENTS[name]
+    if kw:  # any other option goes to the observer itself (e.g. a window length)
+        import functools
+        import inspect
+        unknown = set(kw) - set(inspect.signature(observer).parameters)
+        if unknown:
+            raise ValueError(f"measurement {name!r}: unknown options {sorted(unknown)}")
+        observer = functools.partial(observer, **kw)
+    return name, observer, every

@@ -32,11 +32,12 @@ table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;p
  vertical-align:top}
 th{background:#f3f3f3;text-align:left;white-space:nowrap}td.num{text-align:right;font-family:ui-monospace,monospace;
  white-space:nowrap}
-td.id{font-family:ui-monospace,monospace;font-size:12px;white-space:nowrap}
-td.src,td.note{font-size:11px;color:#555;max-width:22em}
+td.id{font-family:ui-monospace,monospace;font-size:12px;min-width:8em;max-width:19em;overflow-wrap:anywhere}
+td.src,td.note{font-size:11px;color:#555;max-width:18em}td.src{min-width:10em}td.change{white-space:normal;min-width:6em}
+.tablewrap{overflow-x:auto;max-width:100%}table.verdicts th{white-space:normal}
 tr.ok td.status{background:#dfd}tr.bad td.status{background:#fdd}td.status{white-space:nowrap}
 td.mark{font-family:ui-monospace,monospace;font-weight:bold;white-space:nowrap}
-td.m-unchanged{font-weight:normal;color:#777}td.expected{min-width:12em}td.band{white-space:normal;min-width:9em}
+td.m-unchanged{font-weight:normal;color:#777}td.held{font-size:12px;max-width:7em}td.expected{min-width:10em;max-width:16em}td.band{white-space:normal;min-width:9em}
 td.m-flipped-bad,td.m-regressed{background:#f8c9c9;color:#8b0000}
 td.m-flipped-good,td.m-improved{background:#cdebd0;color:#1f5f2a}
 td.m-new{background:#dbe8f7;color:#1d4b80}
@@ -52,7 +53,6 @@ details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:bold}
 ul.toc{columns:2;font-size:13px}
 """
 
-MAX_ROWS_PER_CHART = 60
 
 
 def _e(value) -> str:
@@ -192,49 +192,58 @@ def case_figures(results: pd.DataFrame, case_id: str, case_verdicts: pd.DataFram
 
 # ---- the margin chart ---------------------------------------------------------------------------
 
-def margin_chart(verdicts: pd.DataFrame, comparison) -> str | None:
+def margin_chart(verdicts: pd.DataFrame, comparison) -> tuple[str | None, int]:
     """Per verdict: decades between the value and its tolerance (right = intended side), the
-    baseline median and band when there is one. One look shows what is close to its bound."""
-    rows = []
+    baseline median and band when there is one. One look shows what is close to its bound.
+    Returns (PNG data URI or None, number of verdicts that cannot be placed: no finite value, or a
+    tolerance ≤ 0). A value of 0 under an upper bound sits at the right edge (▶)."""
+    rows, omitted = [], 0
     for r in verdicts.itertuples():
         value, tol = float(r.measured), float(r.tolerance)
         crow = comparison.rows.get((str(r.case), str(r.property))) if comparison else None
         better = crow.better if crow else bl._better(value, tol, bool(r.passed), bool(r.negative))
         d = bl.margin_decades(value, tol, better)
+        if not math.isfinite(d) and math.isfinite(value) and value <= 0 < tol and better is not None:
+            d = math.inf if better == "lower" else -math.inf
         band = crow.band if crow else None
         b_lo = b_hi = b_c = math.nan
         if band is not None and band.scale == "log10":
-            edges = sorted(bl.margin_decades(v, tol, better) for v in (band.lo, band.hi))
-            b_lo, b_hi = edges
+            b_lo, b_hi = sorted(bl.margin_decades(v, tol, better) for v in (band.lo, band.hi))
             b_c = bl.margin_decades(band.center, tol, better)
+        if math.isnan(d) and not math.isfinite(b_c):
+            omitted += 1
+            continue
         rows.append((f"{r.case} · {r.property}", d, b_lo, b_hi, b_c, bool(r.ok),
                      crow.status if crow else None))
-    rows = [r for r in rows if math.isfinite(r[1]) or math.isfinite(r[4])][:MAX_ROWS_PER_CHART]
     if not rows:
-        return None
+        return None, omitted
+    finite = [x for r in rows for x in (r[1], r[2], r[3]) if math.isfinite(x)] + [0.0, bl.SAFE_DECADES]
+    x_lo, x_hi = min(finite) - 0.8, max(finite) + 0.8
     plt = _pyplot()
-    height = 0.9 + 0.24 * len(rows)
-    fig, ax = plt.subplots(figsize=(9.5, height), dpi=100)
+    fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.24 * len(rows)), dpi=100)
     ys = list(range(len(rows)))[::-1]
     for y, (label, d, lo, hi, c, ok, status) in zip(ys, rows):
         if math.isfinite(lo):
             ax.plot([lo, hi], [y, y], color="#9bb7d4", lw=6, solid_capstyle="butt", zorder=1)
             ax.plot([c], [y], marker="|", color="#2b5d8c", ms=10, mew=2, zorder=2)
-        if math.isfinite(d):
-            color = "#1a7f37" if ok else "#c62828"
-            marker = "o" if status not in ("regressed", "flipped-bad", "improved", "flipped-good") else "D"
-            ax.plot([d], [y], marker=marker, color=color, ms=6, zorder=3, mec="black", mew=0.5)
+        if math.isnan(d):
+            continue
+        color = "#1a7f37" if ok else "#c62828"
+        marker = "D" if status in bl.FAILING else "o"
+        if math.isinf(d):
+            d, marker = (x_hi - 0.3, ">") if d > 0 else (x_lo + 0.3, "<")
+        ax.plot([d], [y], marker=marker, color=color, ms=6, zorder=3, mec="black", mew=0.5)
     ax.axvline(0, color="#c62828", ls="--", lw=1.2)
     ax.axvline(bl.SAFE_DECADES, color="#555", ls=":", lw=1.5)
+    ax.set_xlim(x_lo, x_hi)
     ax.set_yticks(ys)
     ax.set_yticklabels([r[0] for r in rows], fontsize=7, family="monospace")
-    ax.set_xlabel("decades inside the tolerance (log10; right = intended side; dashed = the bound, "
-                  "dotted = 100× margin)", fontsize=8)
+    ax.set_xlabel("decades inside the tolerance (log10; right = intended side)", fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     fig.tight_layout()
-    return _png(fig)
+    return _png(fig), omitted
 
 
 # ---- the page -----------------------------------------------------------------------------------
@@ -281,6 +290,10 @@ def _legend() -> str:
         "with the baseline band as a blue bar and its median as a tick.</p>"
         f"<table class='legend'><tr><th>mark</th><th>meaning</th><th></th></tr>{rows}</table>"
         "<p>The command exits 1 when any row is marked !, *, + or −.</p></details>")
+
+
+def _truthy(x) -> bool:
+    return str(x).strip().lower() in ("true", "1", "yes")
 
 
 def _toc_entry(i: int, claim: str, cv: pd.DataFrame, comparison) -> str:
@@ -333,37 +346,46 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
                                                     for i, (claim, cv) in enumerate(claims)) + "</ul>")
     for i, (claim, claim_verdicts) in enumerate(claims):
         parts.append(f"<h2 id='claim-{i}'>{_e(claim)}</h2>")
-        chart = margin_chart(claim_verdicts, comparison)
+        chart, omitted = margin_chart(claim_verdicts, comparison)
         if chart:
             parts.append(f'<figure><img alt="margin to the tolerance per verdict for {_e(claim)}" '
                          f'src="{chart}"><figcaption>{_e(claim)}: every verdict, decades inside its '
-                         f"tolerance (dot: this run, green as intended, red not, diamond: left its band; "
-                         f"blue bar: baseline band)</figcaption></figure>")
+                         f"tolerance. Red dashed: the bound; dotted: 100× margin. Dot: this run (green as "
+                         f"intended, red not; diamond: changed against the baseline; ▶: exactly 0). Blue bar: "
+                         f"the baseline band, tick: its median."
+                         + (f" {omitted} verdict(s) not placeable (no value, or a tolerance ≤ 0)." if omitted else "")
+                         + "</figcaption></figure>")
+        rows = [(r, comparison.rows.get((str(r.case), str(r.property))) if has_base else None)
+                for r in claim_verdicts.itertuples()]
+        notes = any(c is not None and c.note for _, c in rows)
         head = ("<th>case</th><th>property</th><th>measured</th><th>expected</th><th>tolerance</th>"
-                "<th>held</th><th>negative control</th><th>status</th>")
+                "<th>held</th><th>status</th>")
         if has_base:
             head = ("<th>mark</th>" + head + "<th>baseline median (n)</th><th>band</th><th>change</th>"
-                    "<th>note</th>")
-        parts.append(f"<table class='verdicts'><tr>{head}<th>tolerance source</th></tr>")
-        for r in claim_verdicts.itertuples():
+                    + ("<th>note</th>" if notes else ""))
+        parts.append(f"<div class='tablewrap'><table class='verdicts'><tr>{head}<th>tolerance source</th></tr>")
+        for r, crow in rows:
             good = bool(r.ok)
-            crow = comparison.rows.get((str(r.case), str(r.property))) if has_base else None
+            held = ("yes" if _truthy(r.passed) else "no") + (" (negative control)" if _truthy(r.negative) else "")
             cells = (f"<td class='id'>{_e(r.case)}</td><td class='id'>{_e(r.property)}</td>"
                      f"<td class='num'>{_e(_fmt(r.measured))}</td><td class='expected'>{_e(r.expected)}</td>"
-                     f"<td class='num'>{_e(_fmt(r.tolerance))}</td><td>{_e(r.passed)}</td>"
-                     f"<td>{_e(r.negative)}</td><td class='status'>{'as intended' if good else 'NOT as intended'}</td>")
+                     f"<td class='num'>{_e(_fmt(r.tolerance))}</td><td class='held'>{_e(held)}</td>"
+                     f"<td class='status'>{'as intended' if good else 'NOT as intended'}</td>")
             status_attr = ""
             if crow is not None:
                 status_attr = f" data-change='{_e(crow.status)}'"
                 mark = crow.mark if crow.mark.strip() else ""
+                band = crow.band
                 cells = (f"<td class='mark m-{_e(crow.status)}'>{_e(mark)} {_e(crow.status)}</td>" + cells
                          + (f"<td class='num'>{_e(_fmt(crow.baseline_median))} ({crow.baseline_n})</td>"
                             if crow.status != "new" else "<td></td>")
-                         + f"<td class='num band'>{_e(crow.band.describe() if crow.band else '')}</td>"
-                         f"<td class='num'>{_e(crow.change)}</td><td class='note'>{_e(crow.note)}</td>")
+                         + (f"<td class='num band' title='{_e(band.describe())}'>"
+                            f"{_e(_fmt(band.lo))} … {_e(_fmt(band.hi))}</td>" if band else "<td></td>")
+                         + f"<td class='num change' title='{_e(crow.change)}'>{_e(crow.change.split(' (')[0])}</td>"
+                         + (f"<td class='note'>{_e(crow.note)}</td>" if notes else ""))
             parts.append(f"<tr class='{'ok' if good else 'bad'}'{status_attr}>{cells}"
                          f"<td class='src'>{_e(r.source)}</td></tr>")
-        parts.append("</table>")
+        parts.append("</table></div>")
         parts.append("<div class='cases'>")
         for case_id in claim_verdicts.case.unique():
             figs = case_figures(results, case_id, claim_verdicts[claim_verdicts.case == case_id])

@@ -183,10 +183,16 @@ def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
                           state={})  # `state`: observers' memory between calls
 
     rows: list[tuple] = []
+    # Arms with batch_multiplier m train on the first m base batches of the step's draw, so every
+    # arm still sees the same examples in the same order (linear-scaling comparisons).
+    draws = max(a.batch_multiplier for a in case.arms)
     for k in range(steps):
-        x, y = source.next_batch()
+        batches = [source.next_batch() for _ in range(draws)]
+        x, y = (batches[0] if draws == 1 else
+                (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
         for name, arm in arms.items():
-            value = arm.step(k, x, y)
+            n = arm.spec.batch_multiplier * len(batches[0][1])
+            value = arm.step(k, x[:n], y[:n])
             if not np.isfinite(value):
                 raise Diverged(case.id, name, seed, k + 1, value, rows)
         ctx.t = k + 1

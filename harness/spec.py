@@ -52,6 +52,8 @@ class Arm:
     # scale_other the remaining trainable parameters are rescaled too (a negative control).
     init_scale: float = 1.0
     scale_other: bool = False
+    # This arm's batch is this many of the case's base batches (the first m of each step's draw).
+    batch_multiplier: int = 1
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ def validate(case: Any) -> Case:
                                  ("buffer_correction", "buffer_correction")):
                 if getattr(group, flag) and not hasattr(group.lr, method):
                     raise bad(f"arms[{arm.name}].{label}.{flag}", f"the schedule provides no {method}()")
+        if not (isinstance(arm.batch_multiplier, int) and arm.batch_multiplier >= 1):
+            raise bad(f"arms[{arm.name}].batch_multiplier", f"must be an int >= 1, got {arm.batch_multiplier}")
         if not arm.init_scale > 0:
             raise bad(f"arms[{arm.name}].init_scale", f"must be > 0, got {arm.init_scale}")
     if not case.properties or not all(isinstance(p, Property) for p in case.properties):

@@ -27,10 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness import baseline as bl  # noqa: E402
 from harness import report, store  # noqa: E402
-from harness.checks import VERDICT_COLUMNS  # noqa: E402
-from harness.runner import RESULT_COLUMNS  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -218,6 +215,8 @@ def chromium():
 
 def synthetic_run(root: Path) -> tuple[Path, Path, pd.DataFrame]:
     """A run directory with gap, loss and accuracy curves, and a baseline that it regresses against."""
+    from harness.checks import VERDICT_COLUMNS
+    from harness.runner import RESULT_COLUMNS
     rows = []
     for arm, scale in (("exp", 1e-14), ("twin", 3e-13)):
         for seed in (0, 1):

@@ -64,6 +64,7 @@ def cur_row(measured, tol, *, passed=None, negative=False, below=True, case="c",
 ROUNDOFF = base_row(1e-13, 6e-14, 1.5e-13, 1e-9)
 F32 = base_row(8e-7, 5e-7, 9e-7, 1e-5)
 NEG = base_row(2e-3, 1.5e-3, 2.5e-3, 1e-5, passed=False, negative=True)
+ZERO = base_row(0.0, 0.0, 0.0, 1e-12)
 NEAR = base_row(0.93, 0.929, 0.931, 0.9)  # a "stays above 0.9" property, 3% from its bound: linear
 
 
@@ -89,6 +90,9 @@ NEAR = base_row(0.93, 0.929, 0.931, 0.9)  # a "stays above 0.9" property, 3% fro
     (NEAR, 0.92, False, False, "regressed"),
     (NEAR, 0.945, False, False, "improved"),
     (NEAR, 0.89, False, False, "flipped-bad"),
+    # Exactly 0 (e.g. no motion at all): compared linearly, with the same 100× rule.
+    (ZERO, 5e-15, True, False, "unchanged"),
+    (ZERO, 3e-13, True, False, "regressed"),
     # Not measured any more: the verdict flips (a NaN never passes).
     (ROUNDOFF, math.nan, True, False, "flipped-bad"),
 ])
@@ -357,6 +361,7 @@ def test_planted_flip_exits_1(capsys, real_run, tmp_path):
 
 def inner_pytest(*args, timeout=600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
+    env["OMP_NUM_THREADS"] = "1"  # one thread per process: 2-thread torch crawls when the cores are busy
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
