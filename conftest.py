@@ -91,8 +91,6 @@ def pytest_generate_tests(metafunc):
     params = []
     for case in registry.all_cases().values():
         marks = [getattr(pytest.mark, m) for m in case.markers]
-        if case.xfail:
-            marks.append(pytest.mark.xfail(reason=case.xfail, strict=True))
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("conformance_case", params)
 
@@ -148,7 +146,7 @@ def record_outcome(request):
     def record(outcome, env) -> None:
         if parts is None:
             return
-        from harness.store import atomic_write_csv, atomic_write_text
+        from harness.store import atomic_write_csv, atomic_write_text, device_name
         case = outcome.case
         stem = parts / (re.sub(r"[^A-Za-z0-9_.-]", "_", case.id)[:60] + "-"
                         + hashlib.sha1(case.id.encode()).hexdigest()[:10])
@@ -158,6 +156,7 @@ def record_outcome(request):
         atomic_write_text(Path(f"{stem}.json"), json.dumps({
             "case": case.id, "profile": case.profile, "status": outcome.status, "message": outcome.message,
             "seconds": round(time.perf_counter() - t0, 2), "device": env.device_for(case),
+            "device_name": device_name(env.device_for(case)),  # the worker's torch threads, not the controller's
             "seeds": list(env.seeds_for(case)), "optimizer": env.optimizer, "smoke": env.smoke,
             "dtype": env.dtype, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}))
     return record
@@ -228,6 +227,9 @@ class RunDirPlugin:
             seeds={i["case"]: i["seeds"] for i, _ in infos},
             smoke=bool(first.get("smoke", config.getoption("--smoke"))),
             command=["python", "-m", "pytest", *map(str, config.invocation_params.args)])
+        names = {i.get("device_name") for i, _ in infos}
+        if len(names) == 1 and None not in names:
+            meta["device_name"] = names.pop()
         meta.update(status="finished" if int(exitstatus) in (0, 1) else f"pytest exit {int(exitstatus)}",
                     cases=cases, workers=sorted({i["worker"] for i, _ in infos}))
         run.write_metadata(meta)

@@ -22,6 +22,7 @@ CHECKOUT = pathlib.Path(__file__).resolve().parents[1]  # the checkout holding t
 ROOT = pathlib.Path(os.environ.get("LRC_BENCH_ROOT") or CHECKOUT).resolve()  # the harness measured
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]  # first, ahead of the cwd
 THREADS = int(os.environ.get("LRC_BENCH_THREADS", "1"))
+QUICK = os.environ.get("LRC_BENCH_QUICK") == "1"  # set by scripts/asv-quick: a smoke run, not figures
 
 
 _IMPORT_ERRORS: list[ImportError] = []
@@ -119,9 +120,7 @@ class RawLoop:
 
     def __init__(self, s: SimpleNamespace):
         arm = s.arms[s.ctx.reference]  # the reference (WD) arm's hyper-parameters
-        self.model = copy.deepcopy(s.model0)
-        for p, q in zip(self.model.parameters(), s.model0.parameters()):
-            p.requires_grad_(q.requires_grad)
+        self.model = copy.deepcopy(s.model0)  # the arms train copies of it too
         frozen = arm.spec.other is None  # the harness freezes non-SI parameters when an arm says so
         si = set(self.model.si_names)
         params = [p for n, p in self.model.named_parameters()

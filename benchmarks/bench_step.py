@@ -5,14 +5,15 @@ harness.runner.run_seed builds them; the timed code is the harness's own ArmStat
 observers. Times are CPU seconds (_common.TIMER); the README quotes them in ms. All figures are
 lower-is-better.
 """
-from ._common import CYCLE, MODEL_CASES, TIMER, RawLoop, best_of, lockstep_state, lockstep_update
+from ._common import CYCLE, MODEL_CASES, QUICK, TIMER, RawLoop, best_of, lockstep_state, lockstep_update
 
 MODELS = list(MODEL_CASES)
 # The in-process ratios alternate short chunks of the two variants (ROUNDS chunks of INNER calls
 # each) and compare the best chunk of each: load from other processes hits both alike, and the
 # minimum is the figure it disturbs least. About 1-6 s per ratio on 1 thread.
 INNER = {"norm_mlp": 100, "norm_cnn": 50, "resnet18_cifar": 1}
-ROUNDS = {"norm_mlp": 15, "norm_cnn": 15, "resnet18_cifar": 3}
+ROUNDS = ({"norm_mlp": 3, "norm_cnn": 3, "resnet18_cifar": 1} if QUICK
+          else {"norm_mlp": 15, "norm_cnn": 15, "resnet18_cifar": 3})
 
 
 def ratio(model: str, candidate, baseline) -> float:

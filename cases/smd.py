@@ -107,8 +107,8 @@ LAM_E_ARMS = (arm("base", ETA, LAM, GAMMA),
 # far slower than τ = 50 suggests, so 3,000 updates were not yet the equilibrium.
 ILR_STEPS, ILR_LATE = 5000, (4001, 5000)
 TOL_ILR = ("±10% per layer on η/‖w‖² and RMS Δ; loss (mean of the last 10 windows) within 0.05: "
-           "at 3,000 updates measured η/‖w‖² ratios 0.97–1.01 ('different') and RMS Δ 1.000–1.004, "
-           "loss differences 0.003–0.055 over 3 seeds")
+           "measured per seed η/‖w‖² ratios 0.97–1.00 ('different') and 1.00–1.06 ('history'), RMS Δ "
+           "0.998–1.002, loss differences 0.002–0.045 (3 seeds, updates 4001–5000)")
 
 
 def equal_equilibrium(other: str) -> tuple:
@@ -187,21 +187,29 @@ CASES += [
 ]
 
 # ---- intrinsic LR: time to equilibrium ∝ 1/λ_e --------------------------------------------------
-# From an 8× too large initial SI norm (η/‖w‖² 64× too small), the time until η/‖w‖² stays within
-# 10% of its final value, in updates (windows of 20). C is fitted on λ_e = 5e-3 and reused at
-# λ_e/2 and 2λ_e. A negative control judges the same times with "T does not depend on λ_e".
+# Each arm starts 8× above ITS OWN equilibrium norm (‖w*‖ ∝ (η/λ)^¼ at equal L, so λ/2 starts at
+# 8·2^¼ and 2λ at 8·2^-¼ of the default init), and T is the first update (windows of 20) at which
+# η/‖w‖² comes within 25% of its final value. C is fitted on λ_e = 5e-3 and reused at λ_e/2 and
+# 2λ_e. (With the same absolute init scale 8 for all arms the targets differ and T scaled only as
+# λ_e^-0.6: measured 400 / 640 / 330 updates.) A negative control judges the same times with
+# "T does not depend on λ_e".
 TIME_ARMS = (arm("base", ETA, LAM, GAMMA, init_scale=8.0),
-             arm("half", ETA, LAM / 2, GAMMA, init_scale=8.0),
-             arm("double", ETA, LAM * 2, GAMMA, init_scale=8.0))
+             arm("half", ETA, LAM / 2, GAMMA, init_scale=8.0 * 2 ** 0.25),
+             arm("double", ETA, LAM * 2, GAMMA, init_scale=8.0 * 2 ** -0.25))
 TIME_LAMBDA_E = {"base": ETA * LAM / (1 - GAMMA), "half": ETA * LAM / 2 / (1 - GAMMA),
                  "double": ETA * LAM * 2 / (1 - GAMMA)}
 TIME_MEASURE = (("angular", {"window": 20}),)
-TOL_TIME = "±30%: window resolution 20 updates on T ≈ 200–900; measured within 15%, seed spread ≤ 10%"
+TOL_TIME = ("±30%: window resolution 20 updates on T ≈ 200–900 and a seed spread of ≤ 10%; set before "
+            "the measurement, which then missed it (see the case's xfail)")
 CASES += [
     smd_case("ilr-time-to-equilibrium", TIME_ARMS, 3000,
              (sphere.time_scales_as("base", TIME_LAMBDA_E, 1.0, 0.30, late=(2501, 3000), source=TOL_TIME,
                                     name="time_scales_as_inverse_lambda_e"),),
              claim=CLAIM_ILR, measurements=TIME_MEASURE,
+             xfail=("does not reproduce at this scale: T = 420 / 720 / 320 updates for λ_e, λ_e/2, 2λ_e "
+                    "(seed 0…2 medians) against 420 / 840 / 210 predicted; λ_e/2 is within 15% but 2λ_e "
+                    "is 52% slow: η/‖w‖² reaches 0.75–0.88 of its final value by update 300, then "
+                    "plateaus (a second, slower relaxation that does not scale with 1/λ_e)"),
              description="time to equilibrium ∝ 1/λ_e, constant fitted once at λ_e = 5e-3"),
     smd_case("ilr-neg-time-independent-of-lambda-e", TIME_ARMS, 3000,
              (sphere.time_scales_as("base", TIME_LAMBDA_E, 0.0, 0.30, late=(2501, 3000), source=TOL_TIME,

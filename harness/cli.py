@@ -180,7 +180,7 @@ def cmd_run(args) -> int:
             run_dir.write_verdicts(pd.concat(verdicts, ignore_index=True))
             tag = outcome.status.upper() + (" (negative control)" if case.negative else "")
             print(f"{tag:28s} {case.id}  {seconds:.1f}s  {outcome.message}".rstrip(), flush=True)
-            if outcome.status in ("fail", "error"):
+            if outcome.status in ("fail", "error", "xpass"):
                 exit_code = EXIT_FAIL
     except KeyboardInterrupt:
         meta.update(status="interrupted", cases=statuses)

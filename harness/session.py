@@ -12,7 +12,7 @@ from harness.checks import VERDICT_COLUMNS, evaluate
 from harness.runner import RESULT_COLUMNS, Diverged, RunEnv, Unsupported, run_case
 from harness.spec import Case
 
-STATUSES = ("ok", "fail", "error", "skipped", "smoke")
+STATUSES = ("ok", "fail", "error", "skipped", "smoke", "xfail", "xpass")
 
 
 @dataclass
@@ -55,7 +55,11 @@ def execute(case: Case, env: RunEnv) -> Outcome:
     verdicts = evaluate(case, results)
     failed = verdicts[~verdicts.ok.astype(bool)]
     if failed.empty:
+        if case.xfail:  # the claim now reproduces: the xfail must be removed, loudly
+            return Outcome(case, results, verdicts, "xpass", f"expected to fail ({case.xfail}) but passed")
         return Outcome(case, results, verdicts, "ok")
     msgs = [f"{r.property}: measured {r.measured:.3g}, expected {r.expected}"
             + (" to FAIL (negative control)" if case.negative else "") for r in failed.itertuples()]
+    if case.xfail:  # a documented non-reproduction, failing as measured
+        return Outcome(case, results, verdicts, "xfail", f"{case.xfail}; " + "; ".join(msgs))
     return Outcome(case, results, verdicts, "fail", "; ".join(msgs))

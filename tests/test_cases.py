@@ -18,5 +18,7 @@ def test_case(conformance_case, run_env, record_outcome):
         assert outcome.status == "smoke", outcome.message
         assert set(outcome.results.arm) == {a.name for a in case.arms}
         return
-    assert outcome.status == "ok", outcome.message
+    if outcome.status == "xfail":
+        pytest.xfail(outcome.message)  # a documented non-reproduction (Case.xfail), failing as measured
+    assert outcome.status == "ok", outcome.message  # "xpass" fails here: remove the case's xfail
     assert len(outcome.verdicts) == len(case.properties)
