@@ -52,6 +52,11 @@ def angular(ctx, window: int = 100) -> list[tuple[str, str, float]]:
                          (arm_name, f"norm:{pname}", norm),
                          (arm_name, f"eff_lr:{pname}", lr / norm ** 2)]
                 st["sq"], st["grad"], st["n"] = 0.0, 0.0, 0
+        if ctx.t % window == 0:  # the theory at this window's LR, for plots
+            g = arm.spec.si
+            if g.weight_decay > 0:
+                rows.append((arm_name, "angular_theory",
+                             equilibrium_angle(lr, g.weight_decay, g.momentum, decoupled=g.decoupled)))
     return rows
 
 
