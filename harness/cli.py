@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-baseline", action="store_true", help="no baseline comparison")
 
     base = sub.add_parser("baseline", help="write baselines/<profile>.csv from run directories")
-    base_sub = base.add_subparsers(dest="baseline_command", required=True, parser_class=OneLineErrors)
+    base_sub = base.add_subparsers(dest="baseline_command", metavar="update", required=True,
+                                   parser_class=OneLineErrors)
     upd = base_sub.add_parser("update", help="median, spread and n per case and property over the runs "
                                              "(use runs with different seeds: --seeds 0, --seeds 1, --seeds 2)")
     upd.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")

@@ -1,8 +1,7 @@
 """Device policy: how a run uses its accelerator.
 
 - `conformance_mode(device)`: what every conformance run on CUDA uses (deterministic kernels, no
-  autotuning, no TF32 unless asked). It is the policy; `harness.runner.deterministic_cuda()` is the
-  older copy of it that the runner still calls.
+  autotuning, no TF32 unless asked); the runner calls it for every CUDA run.
 - `throughput_mode(model, ...)`: channels-last, bf16 autocast, torch.compile, cuDNN autotuning and
   TF32. For benchmarks and throughput runs only: never for a run whose verdicts count.
 - `synchronize(device)` / `timed(fn, device)`: wall time of GPU work (CUDA events on CUDA,

@@ -435,3 +435,11 @@ def write_report(run_dir: Path | str, out: Path | str, baseline: Path | str | No
             error = str(exc)
     atomic_write_text(Path(out), render(results, verdicts, meta, comparison, error))
     return comparison
+
+
+def _register_claim_plots() -> None:
+    """Claim-specific plot modules add themselves to PLOTTERS on import."""
+    from harness import sphere_plots  # noqa: F401
+
+
+_register_claim_plots()

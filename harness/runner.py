@@ -132,15 +132,6 @@ class ArmState:
         return self.last_loss
 
 
-def deterministic_cuda() -> None:
-    """Conformance runs are deterministic: no autotuning, deterministic kernels where torch has them."""
-    import os
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 @torch.no_grad()
 def arm_model(model0: nn.Module, arm: Arm, gen: torch.Generator) -> nn.Module:
     """The arm's copy of the shared initial model: rescaled and/or perturbed as the arm declares."""
@@ -168,7 +159,8 @@ def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
     gens = {k: _generator(v) for k, v in streams.items()}
 
     if device.type == "cuda":
-        deterministic_cuda()
+        from harness.device import conformance_mode
+        conformance_mode(device)  # deterministic kernels, no autotuning, no TF32
     source = build_source(case.data[0], dict(case.data[1]), gen=gens["data"], aug_gen=gens["aug"],
                           dtype=dtype, device=device, smoke=env.smoke)
     model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],
