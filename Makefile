@@ -3,6 +3,11 @@
 PY := .venv/bin/python
 HARNESS_DATA ?= $(abspath ../shared/data)
 export HARNESS_DATA
+# One torch thread per process: on a shared 2-core machine two OpenMP threads spin against each
+# other (measured 10–50× slower under load), and the committed baseline and the matrix's known
+# float32 divergences were measured with one thread (results depend on the reduction order).
+OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS
 
 .PHONY: cpu test matrix clean-venv
 
