@@ -58,52 +58,45 @@ def supports_momentum_buffer_state(opt: torch.optim.Optimizer) -> bool:
 
 # ---- implementations the harness ships (reference, switches, and a known non-conformer) ----
 
-class ReferenceSGD(torch.optim.Optimizer):
+class _PlainSGD(torch.optim.Optimizer):
+    """One tensor at a time, momentum buffer in `state[p]['momentum_buffer']` (so a seeded buffer is
+    honoured). Subclasses say where the weight decay goes: `coupled` into the direction d (before
+    momentum, Definition 1.2) or decoupled (applied to θ beside the step)."""
+
+    honours_momentum_buffer_state = True
+    coupled = True
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad + wd * p if self.coupled else p.grad
+                if momentum:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = d.clone() if buf is None else buf.mul_(momentum).add_(d)
+                    self.state[p]["momentum_buffer"] = buf
+                    d = buf
+                if not self.coupled:
+                    p.mul_(1 - lr * wd)
+                p.sub_(lr * d)
+
+
+class ReferenceSGD(_PlainSGD):
     """Definition 1.2 of Li & Arora written out plainly, one tensor at a time:
     v_t = γ v_{t−1} + g_t + λ θ_{t−1};  θ_t = θ_{t−1} − η v_t;  v_0 = 0 (or a seeded buffer)."""
 
-    honours_momentum_buffer_state = True
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad + group["weight_decay"] * p
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                    self.state[p]["momentum_buffer"] = buf
-                    d = buf
-                p.sub_(group["lr"] * d)
-
-
-class SGDW(torch.optim.Optimizer):
+class SGDW(_PlainSGD):
     """SGD with decoupled weight decay (Loshchilov & Hutter): θ ← θ − η v_t − ηλ θ, with the decay
     kept out of the momentum. Not Definition 1.2, so the WD ≡ exp-LR cases must reject it."""
 
-    honours_momentum_buffer_state = True
-
-    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                    self.state[p]["momentum_buffer"] = buf
-                    d = buf
-                p.mul_(1 - group["lr"] * group["weight_decay"]).sub_(group["lr"] * d)
+    coupled = False
 
 
 def sgd_foreach(params, **kw) -> torch.optim.SGD:
