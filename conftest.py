@@ -267,3 +267,14 @@ class RunDirPlugin:
                           red=self.comparison.failed, green=not self.comparison.failed)
             if self.comparison.failed:
                 tr.write_line(self.comparison.failure_line(), red=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on a busy 2-core machine two OpenMP threads spin
+    against each other (small float64 convs measured up to 50× slower), and each DDP rank uses one."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -64,17 +64,6 @@ def max_above(metric: str, above: float, *, source: str, arms: tuple[str, ...] |
     return Property(name or f"max_{metric}_above", check, source)
 
 
-def min_above(metric: str, above: float, *, source: str, arms: tuple[str, ...] | None = None,
-              steps: tuple[int, int | None] = (1, None), name: str | None = None) -> Property:
-    """The smallest value of `metric` in range stays above `above` (e.g. a gap that must open)."""
-    def check(results: pd.DataFrame, case: Case) -> Verdict:
-        sel = _select(results, metric, arms, steps)
-        measured = _worst(sel.value, highest=False)
-        return Verdict(measured, f"min {metric} > {above:.3g}", above,
-                       bool(measured > above), detail=f"{len(sel)} values, steps {steps[0]}..{steps[1] or 'end'}")
-    return Property(name or f"min_{metric}", check, source)
-
-
 def norm_ratio_follows_scale(arm: str, rtol: float, *, source: str) -> Property:
     """‖θ̃_t‖/‖θ_t‖ (arm vs the reference arm, SI weights) equals the schedule's c_t to `rtol`."""
     def check(results: pd.DataFrame, case: Case) -> Verdict:

@@ -48,17 +48,11 @@ def _ghost_case():
 ENV = RunEnv(seeds=(0,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread, as each rank (two OpenMP threads on a busy 2-core machine are many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def single(one_thread):
+def single(one_torch_thread):
     """The single-process reference runs."""
     return {"bn": D.run(_case(), env=ENV), "ghost": D.run(_ghost_case(), env=ENV)}
 

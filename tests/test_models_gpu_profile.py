@@ -19,13 +19,7 @@ from harness.models import (MODELS, GhostBatchNorm2d, build_model, check_group_s
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small float64 convs: two OpenMP threads on a busy 2-core machine are up to 50× slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SI_BOUND = 1e-10      # true SI weights: ≤ 3e-14 measured
 NOT_SI_FLOOR = 1e-3   # a non-SI weight declared SI: ≥ 1e-1 measured
 
