@@ -122,19 +122,50 @@ def final_difference_below(metric: str, arm: str, tol: float, *, source: str, la
     return Property(f"final_{metric}_difference", check, source)
 
 
-def max_difference_below(metric: str, arm: str, tol: float, *, source: str) -> Property:
-    """max over evaluations of |metric[arm] − metric[reference]| at the same step (median over
-    seeds) < tol: curves that track each other, e.g. test accuracy per epoch."""
+def max_difference_below(metric: str, arm: str, tol: float, *, source: str,
+                         steps: tuple[int, int | None] = (1, None)) -> Property:
+    """max over evaluations in `steps` of |metric[arm] − metric[reference]| at the same step (median
+    over seeds) < tol: curves that track each other, e.g. test accuracy per epoch."""
+    expected = f"max |{metric}[{arm}] − {metric}[{{ref}}]| < {tol:g}"
+
     def check(results: pd.DataFrame, case: Case) -> Verdict:
-        table = results[results.metric == metric].pivot_table(index=["seed", "step"], columns="arm", values="value")
+        table = _select(results, metric, None, steps).pivot_table(index=["seed", "step"], columns="arm",
+                                                                  values="value")
         if table.empty or arm not in table or case.reference not in table:
-            return Verdict(math.nan, f"max |{metric}[{arm}] − {metric}[{case.reference}]| < {tol:g}", tol, False,
+            return Verdict(math.nan, expected.format(ref=case.reference), tol, False,
                            detail=f"needs {metric} rows for {arm!r} and {case.reference!r}")
         per_seed = (table[arm] - table[case.reference]).abs().groupby("seed").max()
         measured = float(per_seed.median())
-        return Verdict(measured, f"max |{metric}[{arm}] − {metric}[{case.reference}]| < {tol:g}", tol,
-                       bool(measured < tol), detail=f"{len(table)} evaluations, {len(per_seed)} seeds")
+        return Verdict(measured, expected.format(ref=case.reference), tol, bool(measured < tol),
+                       detail=f"{len(table)} evaluations, steps {steps[0]}..{steps[1] or 'end'}, "
+                              f"per seed {', '.join(f'{v:.3g}' for v in per_seed)}")
     return Property(f"max_{metric}_difference", check, source)
+
+
+def updates_follow_schedule(arm: str, n_train: int, *, source: str) -> Property:
+    """An epoch-unit arm made exactly Σ_e ⌊N/B(e)⌋ parameter updates (its batch-size schedule over
+    the epochs run, N training examples), every seed: fewer updates is the batch-size claim's payoff,
+    and a count that differs means the batch schedule was not what ran."""
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        from harness.batch_schedules import count_updates
+
+        spec = {a.name: a for a in case.arms}[arm]
+        sel = results[(results.metric == "updates") & (results.arm.isin([arm, case.reference]))]
+        final = sel.sort_values("step").groupby(["seed", "arm"]).last()
+        if final.empty or spec.batch_size is None:
+            return Verdict(math.nan, "updates = Σ_e ⌊N/B(e)⌋", 0.0, False,
+                           detail="needs the 'schedule' measurement and an arm with a batch_size schedule")
+        epochs = int(final.step.max())
+        predicted = count_updates(spec.batch_size, epochs, n_train)
+        ours = final.xs(arm, level="arm").value
+        measured = float((ours - predicted).abs().max())
+        ratio = ""
+        if case.reference in final.index.get_level_values("arm"):
+            ref = final.xs(case.reference, level="arm").value
+            ratio = f"; {float((ours / ref).median()):.3f} of {case.reference}'s updates"
+        return Verdict(measured, f"|updates − {predicted}| = 0", 0.0, bool(measured == 0),
+                       detail=f"{int(ours.median())} updates in {epochs} epochs{ratio}")
+    return Property("updates_follow_schedule", check, source)
 
 
 def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:

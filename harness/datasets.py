@@ -15,13 +15,19 @@ class TensorSource:
     """Batches sampled without replacement, reshuffled each epoch, from tensors on the device."""
 
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, *, batch_size: int,
-                 gen: torch.Generator, aug_gen: torch.Generator | None = None, augment: bool = False,
-                 test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None):
+                 gen: torch.Generator, aug_gen: torch.Generator | None = None, augment: bool | str = False,
+                 test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None,
+                 eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         if not 1 <= batch_size <= len(train_x):
             raise ValueError(f"batch_size must be in [1, {len(train_x)}] (the training set size), "
                              f"got {batch_size}")
         self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
+        # Named held-out sets beyond the test split (per-pattern or patch-only examples): the
+        # 'eval_acc' measurement reports accuracy on each as metric 'acc_<name>'.
+        self.eval_sets = dict(eval_sets or {})
         self.batch_size, self.gen, self.aug_gen, self.augment = batch_size, gen, aug_gen, augment
+        if augment not in (False, True, "crop_flip", "flip"):
+            raise ValueError(f"augment must be False, True (= 'crop_flip') or 'flip', got {augment!r}")
         self.steps_per_epoch = len(train_x) // batch_size
         self._order: torch.Tensor | None = None
         self._pos = 0
@@ -34,8 +40,32 @@ class TensorSource:
         self._pos += self.batch_size
         x = self.train_x[idx]
         if self.augment:
-            x = crop_flip(x, self.aug_gen)
+            x = self._augment(x, self._draw_augmentation(len(idx)))
         return x, self.train_y[idx]
+
+    def epoch_plan(self) -> tuple[torch.Tensor, dict | None]:
+        """One epoch's example order (data stream) and every example's augmentation (augmentation
+        stream), drawn once and shared by all arms, whatever batch size each arm cuts it into."""
+        order = torch.randperm(len(self.train_x), generator=self.gen).to(self.train_x.device)
+        return order, (self._draw_augmentation(len(order)) if self.augment else None)
+
+    def take(self, idx: torch.Tensor, aug: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples `idx` of an epoch plan; `aug` is the plan's augmentation sliced alike."""
+        x = self.train_x[idx]
+        if aug is not None:
+            x = self._augment(x, aug)
+        return x, self.train_y[idx]
+
+    def _draw_augmentation(self, n: int) -> dict:
+        if self.augment == "flip":
+            return {"flip": torch.rand(n, generator=self.aug_gen) < 0.5}
+        return crop_flip_params(n, self.aug_gen)
+
+    def _augment(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        if "dy" not in params:
+            flip = params["flip"].to(x.device)
+            return torch.where(flip[:, None, None, None], x.flip(3), x)
+        return apply_crop_flip(x, params)
 
     def probe(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """A fixed batch from the training set, on its own stream (probing never shifts the data)."""
@@ -43,19 +73,36 @@ class TensorSource:
         return self.train_x[idx]
 
 
-def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+def crop_flip_params(n: int, gen: torch.Generator, pad: int = 4) -> dict:
+    """Per-example crop offsets and flips, drawn in a fixed order from `gen`."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return {"dy": dy, "dx": dx, "flip": flip, "pad": pad}
+
+
+def apply_crop_flip(x: torch.Tensor, params: dict) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, vectorized over the batch (NCHW)."""
     n, _, h, w = x.shape
+    pad = params["pad"]
+    dy, dx, flip = (params[k].to(x.device) for k in ("dy", "dx", "flip"))
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n × h
     cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n × w
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    return apply_crop_flip(x, crop_flip_params(len(x), gen, pad))
+
+
+def slice_augmentation(aug: dict | None, lo: int, hi: int) -> dict | None:
+    if aug is None:
+        return None
+    return {k: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for k, v in aug.items()}
 
 
 def gaussian_mixture(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
@@ -82,7 +129,7 @@ def two_blobs(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dt
 
 def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
             device: torch.device, smoke: bool, batch_size: int = 128, per_class: int | None = None,
-            test_per_class: int | None = None, augment: bool = True, subset_seed: int = 0,
+            test_per_class: int | None = None, augment: bool | str = True, subset_seed: int = 0,
             smoke_per_class: int = 8) -> TensorSource:
     """CIFAR-10 through the data layer (harness.cifar); subsets are class-balanced and fixed by
     `subset_seed`, not by the run's seed, so every seed sees the same images."""
@@ -107,6 +154,7 @@ SOURCES: dict[str, Callable[..., TensorSource]] = {
     "gaussian_mixture": gaussian_mixture,
     "cifar10": cifar10,
     "two_blobs": two_blobs,
+    "two_pattern": lambda **kw: __import__("harness.two_pattern").two_pattern.two_pattern(**kw),  # Li, Wei & Ma toy (lazy: no cycle)
 }
 
 

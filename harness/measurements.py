@@ -141,20 +141,48 @@ def loss(ctx) -> list[Row]:
     return [(name, "loss", arm.last_loss) for name, arm in ctx.arms.items()]
 
 
+def epoch_loss(ctx) -> list[Row]:
+    """Epoch-unit cases: the mean training loss over the epoch's minibatches (free: the training
+    forward computed it), the paper's training-loss-per-epoch curve."""
+    return [(name, "epoch_loss", arm.epoch_loss) for name, arm in ctx.arms.items()]
+
+
+def schedule(ctx) -> list[Row]:
+    """What the arm trained with: cumulative parameter updates, the last batch size and LR (per
+    group), so curves can be drawn against updates and the noise scale recomputed from results."""
+    rows: list[Row] = []
+    for name, arm in ctx.arms.items():
+        rows += [(name, "updates", float(arm.updates)), (name, "batch_size", float(arm.batch_size))]
+        rows += [(name, "lr" if i == 0 else f"lr_group{i}", float(g["lr"]))
+                 for i, g in enumerate(arm.optimizer.param_groups)]
+    return rows
+
+
 @torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    """Eval-mode accuracy; the model's mode is restored afterwards."""
+    was = model.training
+    model.eval()
+    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+                  for i in range(0, len(x), batch))
+    model.train(was)
+    return correct / len(x)
+
+
 def test_accuracy(ctx, batch: int = 1000) -> list[Row]:
     src = ctx.source
     if src.test_x is None:
         raise ValueError("measurement 'test_acc' needs a data source with a test split")
-    rows: list[Row] = []
-    for name, arm in ctx.arms.items():
-        was = arm.model.training
-        arm.model.eval()
-        correct = sum(int((arm.model(src.test_x[i:i + batch]).argmax(1) == src.test_y[i:i + batch]).sum())
-                      for i in range(0, len(src.test_x), batch))
-        arm.model.train(was)
-        rows.append((name, "test_acc", correct / len(src.test_x)))
-    return rows
+    return [(name, "test_acc", accuracy(arm.model, src.test_x, src.test_y, batch))
+            for name, arm in ctx.arms.items()]
+
+
+def eval_accuracy(ctx, batch: int = 1000) -> list[Row]:
+    """Accuracy on each of the source's named eval sets, as metric 'acc_<set name>'."""
+    if not ctx.source.eval_sets:
+        raise ValueError("measurement 'eval_acc' needs a data source with named eval sets")
+    return [(name, f"acc_{set_name}", accuracy(arm.model, x, y, batch))
+            for name, arm in ctx.arms.items() for set_name, (x, y) in ctx.source.eval_sets.items()]
 
 
 MEASUREMENTS: dict[str, Callable] = {
@@ -164,7 +192,11 @@ MEASUREMENTS: dict[str, Callable] = {
     "si_weight_gap": si_weight_gap,
     "update_norm": update_norm,
     "loss": loss,
+    "epoch_loss": epoch_loss,
+    "schedule": schedule,
     "test_acc": test_accuracy,
+    "eval_acc": eval_accuracy,
+    "linear_baseline": lambda ctx: __import__("harness.two_pattern").two_pattern.linear_baseline(ctx),  # lazy: no cycle
 }
 
 

@@ -68,17 +68,52 @@ class NormMLP(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ActivationNoise(nn.Module):
+    """Gaussian noise σ·ξ added before a ReLU in train mode, ξ one (1, 1, H, W) map shared across the
+    batch and the channels (the mitigation of Li, Wei & Ma 2019, official code). σ is set by the
+    runner from the arm's `act_noise` schedule, and ξ drawn from the generator the runner gives
+    (the arm's own seeded stream); σ = 0 or eval mode is the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.sigma = 0.0
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.sigma == 0.0:
+            return x
+        if self.generator is None:
+            raise RuntimeError("ActivationNoise needs a generator (set by the runner for arms with act_noise)")
+        noise = torch.randn((1, 1, *x.shape[2:]), generator=self.generator, dtype=torch.float32)
+        return x + self.sigma * noise.to(device=x.device, dtype=x.dtype)
+
+
 class NormCNN(nn.Module):
-    """A small CNN: [Conv3×3(no bias) → Norm → ReLU] per width (stride 2 after the first), GAP, Linear."""
+    """A small CNN: [Conv3×3(no bias) → Norm → ReLU] per width, GAP, Linear. Downsampling after the
+    first conv: stride 2 (`pool="stride"`) or a 2×2 max-pool after each later block (`pool="max"`).
+    `ghost_batch=G` uses GhostBatchNorm2d (statistics over fixed ghost batches of G); `act_noise`
+    puts an ActivationNoise before every ReLU."""
 
     def __init__(self, in_ch: int = 3, widths: tuple[int, ...] = (8, 16), classes: int = 5,
-                 norm: str = "bn", eps: float = 1e-30, affine: bool = True, groups: int = 4):
+                 norm: str = "bn", eps: float = 1e-30, affine: bool = True, groups: int = 4,
+                 ghost_batch: int | None = None, pool: str = "stride", act_noise: bool = False):
         super().__init__()
+        if pool not in ("stride", "max"):
+            raise ValueError(f"pool must be 'stride' or 'max', got {pool!r}")
+        if ghost_batch is not None and norm != "bn":
+            raise ValueError(f"ghost_batch needs norm='bn', got norm={norm!r}")
         layers: list[nn.Module] = []
         ch = in_ch
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(ch, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                       _norm(norm, w, spatial=True, eps=eps, affine=affine, groups=groups), nn.ReLU()]
+            stride = 2 if i > 0 and pool == "stride" else 1
+            norm_layer = (GhostBatchNorm2d(w, ghost_batch=ghost_batch, eps=eps, affine=affine)
+                          if ghost_batch is not None else
+                          _norm(norm, w, spatial=True, eps=eps, affine=affine, groups=groups))
+            layers += [nn.Conv2d(ch, w, 3, stride=stride, padding=1, bias=False), norm_layer]
+            layers += [ActivationNoise()] if act_noise else []
+            layers += [nn.ReLU()]
+            if i > 0 and pool == "max":
+                layers.append(nn.MaxPool2d(2))
             ch = w
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(ch, classes)
@@ -376,6 +411,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "preresnet_cifar": preresnet_cifar,  # any depth 6n + 2 (small ones for smoke and unit tests)
     "wrn_cifar": wide_resnet_cifar,  # any depth 6n + 4 and widen factor
     "toy_logit": ToyLogit,
+    "two_layer_relu": lambda **kw: __import__("harness.two_pattern").two_pattern.TwoLayerReLU(**kw),  # lazy: no cycle
 }
 
 

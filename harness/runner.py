@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 from harness import measurements
-from harness.datasets import build_source
-from harness.models import build_model
+from harness.datasets import build_source, slice_augmentation
+from harness.models import ActivationNoise, build_model
 from harness.optim import (DEFAULT_OPTIMIZER, load_factory, make_optimizer,
                            supports_momentum_buffer_state)
 from harness.spec import Arm, Case, Group
 
 RESULT_COLUMNS = ["case", "arm", "seed", "step", "metric", "value"]
 PROBE_SIZE = 64
-STREAMS = ("init", "data", "probe", "aug", "init_noise")
+STREAMS = ("init", "data", "probe", "aug", "init_noise", "act_noise")  # append only: keeps the others
 
 
 class Diverged(RuntimeError):
@@ -76,8 +76,16 @@ def _generator(seed: int) -> torch.Generator:
 
 
 class ArmState:
-    def __init__(self, spec: Arm, model: nn.Module, factory, optimizer_spec: str, requires: tuple[str, ...]):
+    def __init__(self, spec: Arm, model: nn.Module, factory, optimizer_spec: str, requires: tuple[str, ...],
+                 noise_seed: int = 0):
         self.spec, self.model = spec, model
+        self.noise_layers = [m for m in model.modules() if isinstance(m, ActivationNoise)]
+        if spec.act_noise is not None:
+            if not self.noise_layers:
+                raise ValueError(f"arm {spec.name!r} sets act_noise but the model has no ActivationNoise "
+                                 f"layers (build it with act_noise=True)")
+            for layer in self.noise_layers:
+                layer.generator = _generator(noise_seed)
         named = dict(model.named_parameters())
         si_names = set(model.si_names)
         self.si_params = [named[n] for n in model.si_names]
@@ -103,6 +111,9 @@ class ArmState:
                 for p in params:
                     self.optimizer.state[p]["momentum_buffer"] = g.lr.initial_buffer(p.detach()).clone()
         self.last_loss = float("nan")
+        self.updates = 0  # parameter updates so far (the batch-size claim counts them)
+        self.epoch_loss = float("nan")  # epoch-unit cases: mean training loss over the last epoch
+        self.batch_size = 0  # the batch size of the last update
         # model.train() re-sets every module (12 us a call on the MLP: 5% of its step). Whatever
         # leaves train mode (observers) restores the whole tree, so step() calls it only when some
         # module is out of train mode, and always for a model with its own train() override.
@@ -113,6 +124,10 @@ class ArmState:
         # The harness changes the LR only through param_groups[i]['lr'].
         for i, (g, _) in enumerate(self.groups):
             self.optimizer.param_groups[i]["lr"] = g.lr(k)
+        if self.noise_layers:
+            sigma = float(self.spec.act_noise(k)) if self.spec.act_noise is not None else 0.0
+            for layer in self.noise_layers:
+                layer.sigma = sigma
         if not (self._plain_train and all(m.training for m in self._modules)):
             self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -128,6 +143,8 @@ class ArmState:
                     for p in params:
                         self.optimizer.state[p]["momentum_buffer"].add_(p, alpha=coef)
         self.optimizer.step()
+        self.updates += 1
+        self.batch_size = len(y)
         self.last_loss = float(loss.detach())
         return self.last_loss
 
@@ -167,17 +184,29 @@ def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
                          dtype=dtype, device=device)
     factory = load_factory(env.optimizer)
     arms = {a.name: ArmState(a, arm_model(model0, a, gens["init_noise"]), factory,
-                             env.optimizer, case.requires)
+                             env.optimizer, case.requires, noise_seed=streams["act_noise"])
             for a in case.arms}
     probe = source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"])
     observers = [measurements.resolve(m) for m in case.measurements]
     ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0,
                           state={})  # `state`: observers' memory between calls
 
+    if case.unit == "epoch":
+        return _train_epochs(case, seed, steps, source, arms, ctx, observers, smoke=env.smoke)
+    return _train_steps(case, seed, steps, source, arms, ctx, observers)
+
+
+def _observe(case: Case, seed: int, ctx, observers, last: int) -> list[tuple]:
+    return [(case.id, arm, seed, ctx.t, metric, value)
+            for _, observe, every in observers if ctx.t % every == 0 or ctx.t == last
+            for arm, metric, value in observe(ctx)]
+
+
+def _train_steps(case: Case, seed: int, steps: int, source, arms: dict, ctx, observers) -> list[tuple]:
     rows: list[tuple] = []
     # Arms with batch_multiplier m train on the first m base batches of the step's draw, so every
     # arm still sees the same examples in the same order (linear-scaling comparisons).
-    draws = max(a.batch_multiplier for a in case.arms)
+    draws = max(a.spec.batch_multiplier for a in arms.values())
     for k in range(steps):
         batches = [source.next_batch() for _ in range(draws)]
         x, y = (batches[0] if draws == 1 else
@@ -188,9 +217,35 @@ def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
             if not np.isfinite(value):
                 raise Diverged(case.id, name, seed, k + 1, value, rows)
         ctx.t = k + 1
-        for metric_name, observe, every in observers:
-            if ctx.t % every == 0 or ctx.t == steps:
-                rows.extend((case.id, arm, seed, ctx.t, metric, value) for arm, metric, value in observe(ctx))
+        rows.extend(_observe(case, seed, ctx, observers, steps))
+    return rows
+
+
+def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, observers, *,
+                  smoke: bool = False) -> list[tuple]:
+    """Every arm walks the epoch's shared example order in batches of its own size (the last
+    partial batch dropped); `step` in the rows counts epochs. A smoke run's tiny training set caps
+    the batch size at its size."""
+    rows: list[tuple] = []
+    n = len(source.train_x)
+    for e in range(epochs):
+        order, aug = source.epoch_plan()
+        for name, arm in arms.items():
+            b = arm.spec.batch_size(e) if arm.spec.batch_size else source.batch_size
+            b = min(b, n) if smoke else b
+            if not 1 <= b <= n:
+                raise ValueError(f"case {case.id}: arm {name!r} asks for batch size {b} in epoch {e}, "
+                                 f"but the training set has {n} examples")
+            losses = []
+            for lo in range(0, n - b + 1, b):
+                x, y = source.take(order[lo:lo + b], slice_augmentation(aug, lo, lo + b))
+                value = arm.step(e, x, y)
+                if not np.isfinite(value):
+                    raise Diverged(case.id, name, seed, e + 1, value, rows)
+                losses.append(value)
+            arm.epoch_loss = float(np.mean(losses))
+        ctx.t = e + 1
+        rows.extend(_observe(case, seed, ctx, observers, epochs))
     return rows
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 
 PROFILES = ("cpu", "gpu")
 DTYPES = ("float64", "float32")
+UNITS = ("step", "epoch")
 
 
 class CaseError(ValueError):
@@ -54,6 +55,11 @@ class Arm:
     scale_other: bool = False
     # This arm's batch is this many of the case's base batches (the first m of each step's draw).
     batch_multiplier: int = 1
+    # Epoch-unit cases only: the batch size per epoch (a harness.batch_schedules.BatchSize);
+    # None: the data source's batch size.
+    batch_size: Callable[[int], int] | None = None
+    # σ of the model's activation noise (models.ActivationNoise) per step or epoch; None: no noise.
+    act_noise: Callable[[int], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,10 @@ class Case:
     # An exact case that enters the conformance matrix (harness.matrix): crossed with norms, dtypes
     # and optimizer implementations.
     matrix: bool = False
+    # "step": `steps` updates in lock-step, schedules indexed by update. "epoch": `steps` epochs; every
+    # arm walks the same example order each epoch in batches of its own size, schedules (LR, batch
+    # size) are indexed by the 0-based epoch and measurements run at the end of each epoch.
+    unit: str = "step"
 
     @property
     def reference(self) -> str:
@@ -176,6 +186,15 @@ def validate(case: Any) -> Case:
             raise bad(f"arms[{arm.name}].batch_multiplier", f"must be an int >= 1, got {arm.batch_multiplier}")
         if not arm.init_scale > 0:
             raise bad(f"arms[{arm.name}].init_scale", f"must be > 0, got {arm.init_scale}")
+    if case.unit not in UNITS:
+        raise bad("unit", f"must be one of {UNITS}, got {case.unit!r}")
+    for arm in case.arms:
+        if arm.batch_size is not None and case.unit != "epoch":
+            raise bad(f"arms[{arm.name}].batch_size", "a batch-size schedule needs unit='epoch'")
+        if arm.batch_size is not None and not callable(arm.batch_size):
+            raise bad(f"arms[{arm.name}].batch_size", "must be a schedule (callable epoch -> int)")
+        if case.unit == "epoch" and arm.batch_multiplier != 1:
+            raise bad(f"arms[{arm.name}].batch_multiplier", "epoch-unit cases set batch_size instead")
     if not case.properties or not all(isinstance(p, Property) for p in case.properties):
         raise bad("properties", "must be a non-empty tuple of Property (a case must check something)")
     if not all(p.source for p in case.properties):

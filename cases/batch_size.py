@@ -1,0 +1,101 @@
+"""Smith, Kindermans, Ying & Le (ICLR 2018), "Don't decay the learning rate, increase the batch size"
+(CLAIMS.md §5): dividing η by k and multiplying B by k anneal the SGD noise scale g ≈ ηN/(B(1 − γ))
+alike, so the schedules give the same training curve per epoch and the same final accuracy while
+the batch-growing ones need far fewer parameter updates.
+
+CPU scale (CLAIMS.md §5 calibration): a 3-conv BN CNN (widths 16/32/64, ghost BN over 32), 10,000
+CIFAR-10 training images (flips only), 2,000 test images, SGD momentum 0.9, WD 5e-4, 15 epochs,
+noise ÷5 at epochs 6 and 11 (0-based). Every arm walks the same example order each epoch in batches of
+its own size (Case.unit = "epoch"). Tolerances: see TOLERANCES below; every number comes from the
+calibration run recorded there.
+"""
+from __future__ import annotations
+
+from harness.batch_schedules import BatchSize, anneal_noise
+from harness.checks import final_difference_below, max_difference_below, updates_follow_schedule
+from harness.schedules import Constant, Piecewise
+from harness.spec import Arm, Case, Group
+
+CLAIM = "smith-2018/increase-batch-instead-of-decaying-lr"
+N_TRAIN, EPOCHS, MILESTONES, FACTOR = 10_000, 15, (6, 11), 5
+LR, B0, MOMENTUM, WD = 0.1, 32, 0.9, 5e-4
+B_MAX = 800  # N/12.5: the paper caps B near N/10 (5,120 of 50,000)
+AFTER_FIRST_STEP = (MILESTONES[0] + 1, None)  # epochs (1-based) after the first noise step
+DATA = ("cifar10", {"batch_size": B0, "per_class": N_TRAIN // 10, "test_per_class": 200, "augment": "flip",
+                    "smoke_per_class": 8})
+MEASUREMENTS = ("epoch_loss", "test_acc", "schedule")
+
+
+def cnn(ghost_batch: int | None = B0) -> tuple[str, dict]:
+    return ("norm_cnn", {"widths": (16, 32, 64), "classes": 10, "eps": 1e-5, "ghost_batch": ghost_batch})
+
+
+def arm(name: str, lr, batch: BatchSize, momentum: float = MOMENTUM) -> Arm:
+    g = Group(lr, WD, momentum)
+    return Arm(name, g, g, batch_size=batch)
+
+
+def annealed(name: str, *, by: str, lr: float = LR, batch: int = B0, batch_max: int | None = B_MAX,
+             momentum: float = MOMENTUM) -> Arm:
+    return arm(name, *anneal_noise(lr, batch, MILESTONES, FACTOR, by=by, batch_max=batch_max), momentum=momentum)
+
+
+DECAY = annealed("decay_lr", by="lr")
+RAMP = annealed("increase_batch", by="batch")  # B 32 → 160 → 800
+HYBRID = annealed("hybrid", by="batch", batch_max=B0 * FACTOR)  # B 32 → 160, then η ÷5 at B = 160
+LARGE_LR = annealed("lr_x5_batch_x5", by="batch", lr=LR * FACTOR, batch=B0 * FACTOR)  # B ∝ η
+# B ∝ 1/(1 − γ): γ 0.9 → 0.98 multiplies 1/(1 − γ) by 5, so B starts 5× larger.
+MOMENTUM_98 = annealed("momentum_0.98_batch_x5", by="batch", batch=B0 * FACTOR, momentum=0.98)
+# Negative controls.
+RAMP_K2 = arm("increase_batch_x25", Constant(LR), BatchSize((0, MILESTONES[0]), (B0, B0 * FACTOR ** 2)))
+NEVER = arm("never_anneal", Constant(LR), BatchSize((0,), (B0,)))
+
+# --- Tolerances -----------------------------------------------------------------------------
+CALIBRATION = "calibration pending"
+LOSS_BAND = 0.05
+ACC_BAND = 0.02
+
+
+def loss_agrees(arm_name: str) -> object:
+    return max_difference_below("epoch_loss", arm_name, LOSS_BAND, steps=AFTER_FIRST_STEP, source=CALIBRATION)
+
+
+def accuracy_agrees(arm_name: str) -> object:
+    return final_difference_below("test_acc", arm_name, ACC_BAND, last=3, source=CALIBRATION)
+
+
+def batch_case(case_id: str, arms: tuple[Arm, ...], properties: tuple, *, model=None, negative=False,
+               description: str = "", xfail: str | None = None) -> Case:
+    return Case(id=case_id, claim=CLAIM, profile="cpu", dtype="float32", unit="epoch", model=model or cnn(),
+                data=DATA, arms=(DECAY, *arms), steps=EPOCHS, seeds=(0, 1, 2), measurements=MEASUREMENTS,
+                properties=properties, negative=negative, slow=True, smoke_steps=1, reference_arm=DECAY.name,
+                description=description, xfail=xfail)
+
+
+CASES = [
+    batch_case("batch-cifar-increase-batch", (RAMP,),
+               (loss_agrees(RAMP.name), accuracy_agrees(RAMP.name),
+                updates_follow_schedule(RAMP.name, N_TRAIN, source="exact: Σ_e ⌊N/B(e)⌋")),
+               description="B 32 → 160 → 800 at η 0.1 vs η 0.1 → 0.02 → 0.004 at B 32"),
+    batch_case("batch-cifar-hybrid", (HYBRID,),
+               (loss_agrees(HYBRID.name), accuracy_agrees(HYBRID.name),
+                updates_follow_schedule(HYBRID.name, N_TRAIN, source="exact: Σ_e ⌊N/B(e)⌋")),
+               description="B 32 → 160 (capped), then η ÷5"),
+    batch_case("batch-cifar-large-lr", (LARGE_LR,),
+               (loss_agrees(LARGE_LR.name), accuracy_agrees(LARGE_LR.name),
+                updates_follow_schedule(LARGE_LR.name, N_TRAIN, source="exact: Σ_e ⌊N/B(e)⌋")),
+               description="B ∝ η: η 0.5 with B 160 → 800, then η ÷5 at the cap"),
+    batch_case("batch-cifar-momentum", (MOMENTUM_98,),
+               (loss_agrees(MOMENTUM_98.name), accuracy_agrees(MOMENTUM_98.name),
+                updates_follow_schedule(MOMENTUM_98.name, N_TRAIN, source="exact: Σ_e ⌊N/B(e)⌋")),
+               description="B ∝ 1/(1 − γ): γ 0.98 with B 160 → 800, then η ÷5 at the cap"),
+    # Negative controls: the curve must not follow the decay arm's.
+    batch_case("batch-cifar-neg-batch-x25", (RAMP_K2,), (loss_agrees(RAMP_K2.name),), negative=True,
+               description="B ×25 at the first step: the noise falls 5× too far"),
+    batch_case("batch-cifar-neg-never-anneal", (NEVER,),
+               (loss_agrees(NEVER.name), accuracy_agrees(NEVER.name)), negative=True,
+               description="η 0.1 and B 32 throughout"),
+    batch_case("batch-cifar-neg-plain-bn", (annealed("increase_batch_plain_bn", by="batch"),),
+               (loss_agrees("increase_batch_plain_bn"),), model=cnn(ghost_batch=None), negative=True,
+               description="the batch-growing arm with plain BN: its BN noise falls with B"),
+]
