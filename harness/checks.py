@@ -168,6 +168,47 @@ def updates_follow_schedule(arm: str, n_train: int, *, source: str) -> Property:
     return Property("updates_follow_schedule", check, source)
 
 
+def _per_seed_max(results: pd.DataFrame, metric: str, arm: str, steps: tuple[int, int | None]) -> pd.Series:
+    return _select(results, metric, (arm,), steps).groupby("seed").value.max()
+
+
+def _per_seed_text(per_seed: pd.Series) -> str:
+    return ", ".join(f"seed {s}: {v:.3g}" for s, v in per_seed.items())
+
+
+def seed_median_max(metric: str, arm: str, *, source: str, above: float | None = None,
+                    below: float | None = None, steps: tuple[int, int | None] = (1, None),
+                    name: str | None = None) -> Property:
+    """The seed median of the arm's largest `metric` over `steps` is above `above` (it got there at
+    some point) or below `below` (it never did): e.g. patch-only accuracy before annealing."""
+    if (above is None) == (below is None):
+        raise ValueError("seed_median_max: give exactly one of above= or below=")
+    bound = above if above is not None else below
+    rel = ">" if above is not None else "<"
+    expected = f"median over seeds of max {metric}[{arm}] (steps {steps[0]}..{steps[1] or 'end'}) {rel} {bound:g}"
+
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        per_seed = _per_seed_max(results, metric, arm, steps)
+        measured = float(per_seed.median()) if len(per_seed) else math.nan
+        held = measured > bound if above is not None else measured < bound
+        return Verdict(measured, expected, bound, bool(held), detail=_per_seed_text(per_seed))
+    return Property(name or f"{metric}_{arm}_max", check, source)
+
+
+def seed_median_rise(metric: str, arm: str, *, split: int, above: float, source: str,
+                     name: str | None = None) -> Property:
+    """The seed median of (max `metric` after step `split` − max up to it) exceeds `above`: the arm
+    learns something only after the schedule changes (e.g. the patch after annealing)."""
+    expected = f"median over seeds of max {metric}[{arm}] after step {split} − max up to it > {above:g}"
+
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        rise = (_per_seed_max(results, metric, arm, (split + 1, None))
+                - _per_seed_max(results, metric, arm, (1, split))).dropna()
+        measured = float(rise.median()) if len(rise) else math.nan
+        return Verdict(measured, expected, above, bool(measured > above), detail=_per_seed_text(rise))
+    return Property(name or f"{metric}_{arm}_rise", check, source)
+
+
 def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for prop in case.properties:

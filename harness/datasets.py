@@ -17,7 +17,7 @@ class TensorSource:
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, *, batch_size: int,
                  gen: torch.Generator, aug_gen: torch.Generator | None = None, augment: bool | str = False,
                  test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None,
-                 eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, transform=None):
         if not 1 <= batch_size <= len(train_x):
             raise ValueError(f"batch_size must be in [1, {len(train_x)}] (the training set size), "
                              f"got {batch_size}")
@@ -25,6 +25,9 @@ class TensorSource:
         # Named held-out sets beyond the test split (per-pattern or patch-only examples): the
         # 'eval_acc' measurement reports accuracy on each as metric 'acc_<name>'.
         self.eval_sets = dict(eval_sets or {})
+        # A per-access transform of training examples (harness.patch.Patch): draw(n, gen) and
+        # apply(x, y, idx, draws); its draws come from the augmentation stream.
+        self.transform = transform
         self.batch_size, self.gen, self.aug_gen, self.augment = batch_size, gen, aug_gen, augment
         if augment not in (False, True, "crop_flip", "flip"):
             raise ValueError(f"augment must be False, True (= 'crop_flip') or 'flip', got {augment!r}")
@@ -38,28 +41,33 @@ class TensorSource:
             self._pos = 0
         idx = self._order[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
-        x = self.train_x[idx]
-        if self.augment:
-            x = self._augment(x, self._draw_augmentation(len(idx)))
-        return x, self.train_y[idx]
+        return self.take(idx, self._draw(len(idx)))
 
     def epoch_plan(self) -> tuple[torch.Tensor, dict | None]:
-        """One epoch's example order (data stream) and every example's augmentation (augmentation
-        stream), drawn once and shared by all arms, whatever batch size each arm cuts it into."""
+        """One epoch's example order (data stream) and every example's random draws (augmentation,
+        transform; augmentation stream), made once and shared by all arms, whatever batch size each
+        arm cuts the epoch into (see slice_draws)."""
         order = torch.randperm(len(self.train_x), generator=self.gen).to(self.train_x.device)
-        return order, (self._draw_augmentation(len(order)) if self.augment else None)
+        return order, self._draw(len(order))
 
-    def take(self, idx: torch.Tensor, aug: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The examples `idx` of an epoch plan; `aug` is the plan's augmentation sliced alike."""
-        x = self.train_x[idx]
-        if aug is not None:
-            x = self._augment(x, aug)
-        return x, self.train_y[idx]
+    def take(self, idx: torch.Tensor, draws: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training examples `idx` with their draws (from epoch_plan, sliced alike)."""
+        x, y = self.train_x[idx], self.train_y[idx]
+        if draws and "transform" in draws:
+            x = self.transform.apply(x, y, idx, draws["transform"])
+        if draws and "augment" in draws:
+            x = self._augment(x, draws["augment"])
+        return x, y
 
-    def _draw_augmentation(self, n: int) -> dict:
+    def _draw(self, n: int) -> dict | None:
+        draws = {}
         if self.augment == "flip":
-            return {"flip": torch.rand(n, generator=self.aug_gen) < 0.5}
-        return crop_flip_params(n, self.aug_gen)
+            draws["augment"] = {"flip": torch.rand(n, generator=self.aug_gen) < 0.5}
+        elif self.augment:
+            draws["augment"] = crop_flip_params(n, self.aug_gen)
+        if self.transform is not None:
+            draws["transform"] = self.transform.draw(n, self.aug_gen)
+        return draws or None
 
     def _augment(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         if "dy" not in params:
@@ -99,10 +107,12 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tens
     return apply_crop_flip(x, crop_flip_params(len(x), gen, pad))
 
 
-def slice_augmentation(aug: dict | None, lo: int, hi: int) -> dict | None:
-    if aug is None:
+def slice_draws(draws: dict | None, lo: int, hi: int) -> dict | None:
+    """Examples lo..hi of an epoch plan's draws (nested dicts of per-example tensors)."""
+    if draws is None:
         return None
-    return {k: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for k, v in aug.items()}
+    return {k: (slice_draws(v, lo, hi) if isinstance(v, dict) else v[lo:hi] if isinstance(v, torch.Tensor) else v)
+            for k, v in draws.items()}
 
 
 def gaussian_mixture(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
@@ -130,9 +140,10 @@ def two_blobs(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dt
 def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
             device: torch.device, smoke: bool, batch_size: int = 128, per_class: int | None = None,
             test_per_class: int | None = None, augment: bool | str = True, subset_seed: int = 0,
-            smoke_per_class: int = 8) -> TensorSource:
+            smoke_per_class: int = 8, patch: dict | None = None) -> TensorSource:
     """CIFAR-10 through the data layer (harness.cifar); subsets are class-balanced and fixed by
-    `subset_seed`, not by the run's seed, so every seed sees the same images."""
+    `subset_seed`, not by the run's seed, so every seed sees the same images. `patch`: the options
+    of a harness.patch.PatchRecipe (patched CIFAR-10 of Li, Wei & Ma), drawn on the seed's streams."""
     from harness import cifar
 
     arrays = cifar.load_cifar10()  # root from HARNESS_DATA (the CLI's --data sets it)
@@ -146,8 +157,14 @@ def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtyp
           else slice(None))
     train_x, train_y = cifar.to_tensors(arrays.train_x[tr], arrays.train_y[tr], device=device, dtype=dtype)
     test_x, test_y = cifar.to_tensors(arrays.test_x[te], arrays.test_y[te], device=device, dtype=dtype)
+    transform, eval_sets = None, None
+    if patch is not None:
+        from harness.patch import Patch, PatchRecipe
+        transform = Patch(PatchRecipe(**patch), n_train=len(train_y), image_shape=tuple(train_x.shape[1:]),
+                          classes=10, gen=gen, dtype=dtype, device=device)
+        eval_sets = transform.eval_sets(test_x, test_y, gen)
     return TensorSource(train_x, train_y, batch_size=batch_size, gen=gen, aug_gen=aug_gen,
-                        augment=augment, test_x=test_x, test_y=test_y)
+                        augment=augment, test_x=test_x, test_y=test_y, eval_sets=eval_sets, transform=transform)
 
 
 SOURCES: dict[str, Callable[..., TensorSource]] = {

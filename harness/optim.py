@@ -56,6 +56,12 @@ def supports_momentum_buffer_state(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, torch.optim.SGD) or getattr(opt, "honours_momentum_buffer_state", False)
 
 
+def supports_nesterov(opt: torch.optim.Optimizer) -> bool:
+    """Whether a param group's 'nesterov': True is honoured (an optimizer that ignored it would
+    silently run heavy-ball momentum)."""
+    return isinstance(opt, torch.optim.SGD) or getattr(opt, "honours_nesterov", False)
+
+
 # ---- implementations the harness ships (reference, switches, and a known non-conformer) ----
 
 class _PlainSGD(torch.optim.Optimizer):

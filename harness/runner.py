@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from harness import measurements
-from harness.datasets import build_source, slice_augmentation
+from harness.datasets import build_source, slice_draws
 from harness.models import ActivationNoise, build_model
 from harness.optim import (DEFAULT_OPTIMIZER, load_factory, make_optimizer,
-                           supports_momentum_buffer_state)
+                           supports_momentum_buffer_state, supports_nesterov)
 from harness.spec import Arm, Case, Group
 
 RESULT_COLUMNS = ["case", "arm", "seed", "step", "metric", "value"]
@@ -99,8 +99,11 @@ class ArmState:
             self.groups.append((spec.other, self.other_params))
         self.optimizer = make_optimizer(factory, optimizer_spec, [
             dict(params=params, lr=g.lr(0), momentum=g.momentum,
-                 weight_decay=0.0 if g.decoupled else g.weight_decay)
+                 weight_decay=0.0 if g.decoupled else g.weight_decay, **({"nesterov": True} if g.nesterov else {}))
             for g, params in self.groups])
+        if any(g.nesterov for g, _ in self.groups) and not supports_nesterov(self.optimizer):
+            raise Unsupported(f"optimizer {optimizer_spec} does not declare Nesterov momentum support "
+                              f"(torch.optim.SGD's per-group 'nesterov'), which this case uses")
         needs_state = "momentum_buffer_state" in requires or any(
             g.initial_buffer or g.buffer_correction for g, _ in self.groups)
         if needs_state and not supports_momentum_buffer_state(self.optimizer):
@@ -238,7 +241,7 @@ def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, o
                                  f"but the training set has {n} examples")
             losses = []
             for lo in range(0, n - b + 1, b):
-                x, y = source.take(order[lo:lo + b], slice_augmentation(aug, lo, lo + b))
+                x, y = source.take(order[lo:lo + b], slice_draws(aug, lo, lo + b))
                 value = arm.step(e, x, y)
                 if not np.isfinite(value):
                     raise Diverged(case.id, name, seed, e + 1, value, rows)

@@ -35,6 +35,7 @@ class Group:
     initial_buffer: bool = False
     # Apply `lr.buffer_correction(k)` (ũ ← ũ + a θ̃ before update k) where the schedule gives one.
     buffer_correction: bool = False
+    nesterov: bool = False  # torch.optim.SGD's per-group 'nesterov' (needs momentum > 0)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ def validate(case: Any) -> Case:
             if not (group.weight_decay >= 0 and 0 <= group.momentum < 1):
                 raise bad(f"arms[{arm.name}].{label}",
                           "needs weight_decay >= 0 and momentum in [0, 1)")
+            if group.nesterov and group.momentum == 0:
+                raise bad(f"arms[{arm.name}].{label}.nesterov", "Nesterov momentum needs momentum > 0")
             for flag, method in (("initial_buffer", "initial_buffer"),
                                  ("buffer_correction", "buffer_correction")):
                 if getattr(group, flag) and not hasattr(group.lr, method):

@@ -10,7 +10,7 @@ import torch
 
 from harness.batch_schedules import BatchSize, anneal_noise, count_updates, noise_scale
 from harness.checks import updates_follow_schedule
-from harness.datasets import TensorSource, gaussian_mixture, slice_augmentation
+from harness.datasets import TensorSource, gaussian_mixture, slice_draws
 from harness.models import ActivationNoise, GhostBatchNorm2d, NormCNN
 from harness.runner import RunEnv, run_case
 from harness.schedules import Constant, SettingError
@@ -103,7 +103,7 @@ def test_epoch_plan_is_shared_whatever_the_batch_size():
     order, aug = src.epoch_plan()
     whole_x, whole_y = src.take(order, aug)
     for b in (8, 24, 96):
-        parts = [src.take(order[lo:lo + b], slice_augmentation(aug, lo, lo + b)) for lo in range(0, 96, b)]
+        parts = [src.take(order[lo:lo + b], slice_draws(aug, lo, lo + b)) for lo in range(0, 96, b)]
         assert torch.equal(torch.cat([p[0] for p in parts]), whole_x)
         assert torch.equal(torch.cat([p[1] for p in parts]), whole_y)
     assert sorted(order.tolist()) == list(range(96))
@@ -111,12 +111,13 @@ def test_epoch_plan_is_shared_whatever_the_batch_size():
 
 def test_flip_only_augmentation():
     src = _source(augment="flip")
-    order, aug = src.epoch_plan()
-    assert set(aug) == {"flip"} and aug["flip"].any() and not aug["flip"].all()
-    x, _ = src.take(order, aug)
+    order, draws = src.epoch_plan()
+    flip = draws["augment"]["flip"]
+    assert set(draws["augment"]) == {"flip"} and flip.any() and not flip.all()
+    x, _ = src.take(order, draws)
     raw = src.train_x[order]
-    assert torch.equal(x[aug["flip"]], raw[aug["flip"]].flip(3))
-    assert torch.equal(x[~aug["flip"]], raw[~aug["flip"]])
+    assert torch.equal(x[flip], raw[flip].flip(3))
+    assert torch.equal(x[~flip], raw[~flip])
     with pytest.raises(ValueError, match="augment must be"):
         _source(augment="rotate")
 
