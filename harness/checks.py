@@ -209,6 +209,23 @@ def seed_median_rise(metric: str, arm: str, *, split: int, above: float, source:
     return Property(name or f"{metric}_{arm}_rise", check, source)
 
 
+def final_advantage(metric: str, arm: str, *, over: str, above: float, source: str, last: int = 3,
+                    name: str | None = None) -> Property:
+    """The seed median of (mean of the last `last` values of metric[arm] − the same for `over`)
+    exceeds `above`: a signed gap, e.g. large→anneal ends with better clean accuracy."""
+    expected = f"median over seeds of {metric}[{arm}] − {metric}[{over}] (last {last}) > {above:g}"
+
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        sel = results[(results.metric == metric) & results.arm.isin([arm, over])]
+        tails = sel.sort_values("step").groupby(["seed", "arm"]).value.apply(lambda v: v.tail(last).mean()).unstack()
+        if tails.empty or arm not in tails or over not in tails:
+            return Verdict(math.nan, expected, above, False, detail=f"needs {metric} rows for {arm!r} and {over!r}")
+        gap = (tails[arm] - tails[over]).dropna()
+        measured = float(gap.median())
+        return Verdict(measured, expected, above, bool(measured > above), detail=_per_seed_text(gap))
+    return Property(name or f"final_{metric}_advantage", check, source)
+
+
 def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for prop in case.properties:

@@ -151,6 +151,8 @@ def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtyp
         per_class = min(per_class or smoke_per_class, smoke_per_class)
         test_per_class = min(test_per_class or smoke_per_class, smoke_per_class)
         batch_size = min(batch_size, per_class * 10)
+        if patch is not None:
+            patch = {**patch, "eval_patch_only": min(dict(patch).get("eval_patch_only", 1000), per_class * 10)}
     tr = (cifar.balanced_subset(arrays.train_y, per_class, subset_seed) if per_class
           else slice(None))
     te = (cifar.balanced_subset(arrays.test_y, test_per_class, subset_seed) if test_per_class

@@ -213,6 +213,7 @@ FORWARD_FLOPS: dict[str, int] = {
     "resnet18_cifar": 1_110_845_440,
     "preresnet32": 138_249_472,
     "wrn16_4": 785_224_704,
+    "wrn16_10": 4_824_347_136,
 }
 # Backward ≈ 2 × forward (gradients w.r.t. activations and weights), so a training image costs 3×.
 TRAIN_FACTOR = 3
@@ -250,20 +251,25 @@ def estimated_minutes(model_name: str, images_per_epoch: int, epochs: float, arm
 
 
 def case_estimate(case) -> dict[str, Any]:
-    """The budget of a registered case from its declaration: steps × batch size training images per
-    arm, plus one pass over the test split per 'test_acc' measurement (10,000 CIFAR-10 images)."""
+    """The budget of a registered case from its declaration: the training images per arm (steps ×
+    batch size, or the epochs of an epoch-unit case), plus one pass over the test split per
+    'test_acc' measurement (10,000 CIFAR-10 images) and over the named eval sets per 'eval_acc'."""
     data = dict(case.data[1])
     batch = int(data.get("batch_size", 128))
     per_class = data.get("per_class")
     images_per_epoch = 10 * per_class if per_class else 50_000
-    epochs = case.steps * batch / images_per_epoch
+    epochs = case.steps if case.unit == "epoch" else case.steps * batch / images_per_epoch
     test_images = 10 * data["test_per_class"] if data.get("test_per_class") else 10_000
-    evals = 0
+    per_eval = {"test_acc": test_images,
+                "eval_acc": (test_images + dict(data.get("patch") or {}).get("eval_patch_only", 1000)
+                             if data.get("patch") is not None else 0)}
+    eval_images = 0
     for m in case.measurements:
         name, kw = (m, {}) if isinstance(m, str) else m
-        if name == "test_acc":
-            evals = -(-case.steps // int(kw.get("every", 1)))
-    eval_per_epoch = evals * test_images / epochs if epochs else 0
+        if name in per_eval:
+            evals = case.steps if case.unit == "epoch" else -(-case.steps // int(kw.get("every", 1)))
+            eval_images += evals * per_eval[name]
+    eval_per_epoch = eval_images / epochs if epochs else 0
     model = case.model[0]
     args = dict(images_per_epoch=images_per_epoch, epochs=epochs, arms=len(case.arms),
                 eval_images_per_epoch=round(eval_per_epoch))

@@ -383,15 +383,19 @@ def preresnet32(**kwargs) -> nn.Module:
 
 def wide_resnet_cifar(depth: int = 16, widen: int = 4, classes: int = 10, dropout: float = 0.0,
                       norm_affine: bool = False, eps: float = 1e-5, ghost_batch: int | None = None,
-                      freeze_classifier: bool = False) -> nn.Module:
+                      freeze_classifier: bool = False, act_noise: bool = False) -> nn.Module:
     """Wide ResNet WRN-depth-widen (Zagoruyko & Komodakis 2016): depth = 6n + 4, widths 16k/32k/64k,
     pre-activation blocks, dropout between the convs (0 here unless asked: dropout draws from the
     global RNG, which the harness does not seed per stream). `ghost_batch=G` uses GhostBatchNorm2d.
-    Options as resnet18_cifar; scale invariance as PreActResNet."""
+    Options as resnet18_cifar; scale invariance as PreActResNet. `act_noise`: an ActivationNoise
+    after every norm layer (each one feeds a ReLU in a pre-activation net)."""
     if depth < 10 or (depth - 4) % 6:
         raise ValueError(f"wide resnet depth must be 6n + 4 (10, 16, 22, 28, 40, ...), got {depth}")
-    model = PreActResNet((depth - 4) // 6, (16 * widen, 32 * widen, 64 * widen), classes,
-                         _norm2d(eps, ghost_batch), dropout=dropout)
+    norm = _norm2d(eps, ghost_batch)
+    if act_noise:
+        plain_norm = norm
+        norm = lambda c: nn.Sequential(plain_norm(c), ActivationNoise())  # noqa: E731
+    model = PreActResNet((depth - 4) // 6, (16 * widen, 32 * widen, 64 * widen), classes, norm, dropout=dropout)
     _freeze(model, norm_affine=norm_affine, classifier=model.fc if freeze_classifier else None)
     return model
 
@@ -402,12 +406,18 @@ def wrn16_4(**kwargs) -> nn.Module:
     return wide_resnet_cifar(depth=16, widen=4, **kwargs)
 
 
+def wrn16_10(**kwargs) -> nn.Module:
+    """WRN-16-10 (17.1M parameters): Li, Wei & Ma's official model for the patched CIFAR-10 claim."""
+    return wide_resnet_cifar(depth=16, widen=10, **kwargs)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "norm_mlp": NormMLP,
     "norm_cnn": NormCNN,
     "resnet18_cifar": resnet18_cifar,
     "preresnet32": preresnet32,
     "wrn16_4": wrn16_4,
+    "wrn16_10": wrn16_10,
     "preresnet_cifar": preresnet_cifar,  # any depth 6n + 2 (small ones for smoke and unit tests)
     "wrn_cifar": wide_resnet_cifar,  # any depth 6n + 4 and widen factor
     "toy_logit": ToyLogit,
