@@ -24,7 +24,7 @@ EPOCHS, ANNEAL = 20, 10  # 1-based epochs 1..10 at the initial LR, 11..20 anneal
 LARGE, SMALL, WD, SIGMA = 0.1, 0.004, 5e-4, 0.4
 PATCH = {"zeta_scale": 0.2}  # the other PatchRecipe constants at the official values
 MODEL = ("norm_cnn", {"widths": (16, 32, 64, 64), "pool": "max", "classes": 10, "eps": 1e-5, "act_noise": True})
-MEASUREMENTS = ("test_acc", "eval_acc", "epoch_loss")
+MEASUREMENTS = ("test_acc", "eval_acc", "epoch_loss", "schedule")
 BEFORE, AFTER = (1, ANNEAL), (ANNEAL + 1, None)
 
 

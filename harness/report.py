@@ -149,6 +149,8 @@ def _gap_plots(results: pd.DataFrame, ctx: PlotContext) -> list:
 
 @register_plot("accuracy vs epochs")
 def _accuracy_plot(results: pd.DataFrame, ctx: PlotContext) -> list:
+    if (results.metric == "epoch_loss").any():
+        return []  # an epoch-unit case: harness.epoch_plots draws its curves
     sel = results[results.metric.isin(["test_acc", "train_acc"])]
     out = []
     for m, grp in sel.groupby("metric", sort=False):
@@ -439,7 +441,7 @@ def write_report(run_dir: Path | str, out: Path | str, baseline: Path | str | No
 
 def _register_claim_plots() -> None:
     """Claim-specific plot modules add themselves to PLOTTERS on import."""
-    from harness import sphere_plots  # noqa: F401
+    from harness import epoch_plots, sphere_plots  # noqa: F401
 
 
 _register_claim_plots()

@@ -234,3 +234,16 @@ def test_act_noise_arm_needs_noise_layers():
     assert a.equals(b)  # the noise comes from the seed's own stream
     quiet = run_case(dataclasses.replace(noisy, arms=(Arm("noisy", g, g),)), RunEnv(seeds=(0,)))
     assert not a[a.metric == "epoch_loss"].value.equals(quiet[quiet.metric == "epoch_loss"].value)
+
+
+def test_epoch_plots_mark_the_schedule_changes_that_ran():
+    from harness import report
+    from harness.epoch_plots import schedule_changes
+
+    case = _epoch_case()
+    res = run_case(case, RunEnv(seeds=(0,))).assign(case="epoch-unit")
+    assert schedule_changes(res) == [2.5]  # the small arm's batch 16 → 64 before epoch 3
+    figs = report.case_figures(res, "epoch-unit", report.pd.DataFrame(columns=["expected", "tolerance"]))
+    alts = " ".join(figs)
+    assert "epoch_loss vs epoch" in alts and "training loss vs parameter updates" in alts
+    assert "vs epochs (accuracy vs epochs)" not in alts  # the step-unit plot stays out of the way
