@@ -9,7 +9,7 @@ from __future__ import annotations
 from cases.wd_exp_lr import CNN, IMAGES, MLP, NEG, VECTORS
 from harness.checks import max_below
 from harness.schedules import Constant
-from harness.spec import Arm, Case, Group
+from harness.spec import FUNCTION_GAP, Arm, Case, Group
 
 CLAIM = "li-lyu-arora-2020/intrinsic-lr-reparametrization"
 ETA, LAM, GAMMA, STEPS = 0.1, 5e-3, 0.9, 200
@@ -28,7 +28,7 @@ def reparam_case(case_id: str, c: float, *, dtype: str, bound: float, source: st
     return Case(id=case_id, claim=CLAIM, profile="cpu", model=model, data=data,
                 arms=(Arm("base", base, base), Arm("scaled", scaled, other, init_scale=1 / c, scale_other=scale_other)),
                 steps=STEPS, dtype=dtype, seeds=(0, 1, 2), negative=negative,
-                measurements=("si_weight_gap", "train_gap", "loss"),
+                measurements=("si_weight_gap", *FUNCTION_GAP, "loss"),
                 properties=(max_below("si_weight_gap", bound, source=source, inclusive=inclusive,
                                       name="weights_are_rescaled_copies"),), **kw)
 

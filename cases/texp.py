@@ -10,7 +10,7 @@ from cases.wd_exp_lr import CNN, IMAGES, MLP, NEG, VECTORS, exact_properties
 from cases.wd_exp_lr import EPOCH, GPU_PROVISIONAL
 from harness.checks import final_difference_below, max_below, max_difference_below, norm_ratio_follows_scale
 from harness.schedules import TEXP, Constant, Cosine, LinearWarmup, Piecewise, TexpPP
-from harness.spec import Arm, Case, Group
+from harness.spec import FUNCTION_GAP_METRICS, Arm, Case, Group
 
 CLAIM_TEXP = "li-arora-2020/texp-equals-step-decay"
 CLAIM_TEXPPP = "li-arora-2020/texp++-any-schedule"
@@ -49,14 +49,14 @@ CASES = [
     texp_case("texp-step-decay-cnn-bn", model=CNN, data=IMAGES, properties=exact_properties(), matrix=True),
     # A real finding, not a contrivance: pure TEXP (no correction) is only approximate.
     texp_case("texp-neg-uncorrected", corrected=False, negative=True,
-              properties=(max_below("train_gap", 1e-9, source=NEG, name="function_gap"),),
+              properties=(max_below(FUNCTION_GAP_METRICS, 1e-9, source=NEG, name="function_gap"),),
               description="pure TEXP without the phase-start correction: off by O((ηλ)²) per phase start"),
     texppp_case("texppp-step-decay-mlp-bn", STEP_DECAY, properties=exact_properties()),
     texppp_case("texppp-cosine-mlp-bn", Cosine(0.1, STEPS, 1e-3), properties=exact_properties()),
     texppp_case("texppp-warmup-cosine-cnn-bn", LinearWarmup(Cosine(0.1, STEPS, 1e-3), 30),
                 model=CNN, data=IMAGES, properties=exact_properties(), matrix=True),
     texppp_case("texppp-neg-schedule-mismatch", STEP_DECAY, twin_of=Constant(0.1), negative=True,
-                properties=(max_below("train_gap", 1e-9, source=NEG, name="function_gap"),),
+                properties=(max_below(FUNCTION_GAP_METRICS, 1e-9, source=NEG, name="function_gap"),),
                 description="the exp arm follows TEXP++ of the undecayed schedule: wrong after step 100"),
 
     # GPU profile: ResNet-18 / CIFAR-10, float32, BN affine frozen; step decay ÷10 at epochs 15 and 25

@@ -15,7 +15,7 @@ from __future__ import annotations
 from harness.checks import final_difference_below, max_below, norm_ratio_follows_scale
 from harness.matrix import with_roundoff_twin
 from harness.schedules import Constant, ExpLR, zero_buffer_exp_lr
-from harness.spec import Arm, Case, Group
+from harness.spec import FUNCTION_GAP, FUNCTION_GAP_METRICS, Arm, Case, Group
 
 CLAIM = "li-arora-2020/wd-equals-exp-lr"
 ETA, LAM, GAMMA = 0.1, 5e-3, 0.9  # CLAIMS.md §1 measurement setting; ηλ = 5e-4 < (1−√γ)² ≈ 2.6e-3
@@ -36,14 +36,14 @@ def with_norm(model: tuple[str, dict], norm: str, **extra) -> tuple[str, dict]:
 
 
 def exact_properties(exp_arm: str = "exp") -> tuple:
-    return (max_below("train_gap", 1e-9, source=EXACT, name="function_gap"),
+    return (max_below(FUNCTION_GAP_METRICS, 1e-9, source=EXACT, name="function_gap"),
             norm_ratio_follows_scale(exp_arm, 1e-9, source=EXACT))
 
 
 def wd_vs_exp_case(case_id: str, *, model=MLP, data=VECTORS, lr=ETA, wd=LAM, momentum=GAMMA,
                    form: str = "zero_buffer", steps: int = STEPS, non_si: str = "base",
                    decoupled_wd: bool = False, exponent_offset: int = 0, negative: bool = False,
-                   properties: tuple | None = None, measurements=("train_gap", "si_norm", "loss"),
+                   properties: tuple | None = None, measurements=(*FUNCTION_GAP, "si_norm", "loss"),
                    dtype: str | None = None, description: str = "", **case_kw) -> Case:
     """The WD arm (constant η, coupled λ, momentum γ) against its exponential-LR twin.
 
@@ -121,38 +121,38 @@ CASES = [
 
     # --- float32 / default eps: measured, not exact ----------------------------------------------
     wd_vs_exp_case("wdexp-float32-tiny-eps-mlp-bn", dtype="float32", steps=300, seeds=(0, 1, 2),
-                   properties=(max_below("train_gap", 1e-5, source=F32, name="function_gap_float32"),),
+                   properties=(max_below(FUNCTION_GAP_METRICS, 1e-5, source=F32, name="function_gap_float32"),),
                    description="float32 with eps 1e-30: equal to float32 roundoff for 300 steps"),
     wd_vs_exp_case("wdexp-float32-default-eps-mlp-bn", dtype="float32", steps=300, seeds=(0, 1, 2),
                    model=with_norm(MLP, "bn", eps=1e-5),
-                   properties=(max_below("train_gap", 1e-5, source=F32_EARLY, steps=(1, 10),
+                   properties=(max_below(FUNCTION_GAP_METRICS, 1e-5, source=F32_EARLY, steps=(1, 10),
                                          name="function_gap_first_10_steps"),),
                    description="float32 with torch's eps 1e-5: close early, drifting later (curve in results)"),
 
     # --- negative controls: each must fail the exact property ---------------------------------
     wd_vs_exp_case("wdexp-neg-float32-decoupled-wd", dtype="float32", seeds=(0, 1, 2),
                    decoupled_wd=True, negative=True, model=with_norm(MLP, "bn", eps=1e-5),
-                   properties=(max_below("train_gap", 1e-5, source=F32_EARLY, steps=(1, 10),
+                   properties=(max_below(FUNCTION_GAP_METRICS, 1e-5, source=F32_EARLY, steps=(1, 10),
                                          name="function_gap_first_10_steps"),),
                    description="the float32 early-agreement bound must still reject decoupled WD"),
     wd_vs_exp_case("wdexp-neg-zero-buffer-pure-exp", form="thm_zero_buffer", negative=True,
-                   properties=(max_below("train_gap", 1e-9, source=NEG, name="function_gap"),),
+                   properties=(max_below(FUNCTION_GAP_METRICS, 1e-9, source=NEG, name="function_gap"),),
                    description="Thm 2.9's schedule from a zero buffer (the seeded ũ_0 is required)"),
     with_roundoff_twin(wd_vs_exp_case(
         "wdexp-neg-cnn-in-decoupled-wd", model=with_norm(CNN, "in"), data=IMAGES, seeds=(0, 1, 2),
         decoupled_wd=True, negative=True,
         description="the roundoff-floor property must still reject decoupled WD"), 1e-9),
     wd_vs_exp_case("wdexp-neg-decoupled-wd", decoupled_wd=True, negative=True,
-                   properties=(max_below("train_gap", 1e-9, source=NEG, name="function_gap"),),
+                   properties=(max_below(FUNCTION_GAP_METRICS, 1e-9, source=NEG, name="function_gap"),),
                    description="decoupled (SGDW) weight decay in the WD arm, momentum 0.9"),
     wd_vs_exp_case("wdexp-neg-exponent-off-by-one", form="thm", momentum=0.0, exponent_offset=1,
                    negative=True, properties=exact_properties(),
                    description="η̃_k = η ρ^{-2k-2}: the exponent off by one"),
     wd_vs_exp_case("wdexp-neg-default-eps", model=with_norm(MLP, "bn", eps=1e-5), negative=True,
-                   properties=(max_below("train_gap", 1e-9, source=NEG, name="function_gap"),),
+                   properties=(max_below(FUNCTION_GAP_METRICS, 1e-9, source=NEG, name="function_gap"),),
                    description="BN eps = 1e-5 (torch's default) breaks exact scale invariance"),
     wd_vs_exp_case("wdexp-neg-classifier-in-nowd-group", non_si="same_as_si", negative=True,
-                   properties=(max_below("train_gap", 1e-9, source=NEG, name="function_gap"),),
+                   properties=(max_below(FUNCTION_GAP_METRICS, 1e-9, source=NEG, name="function_gap"),),
                    description="trainable classifier placed in the exp arm's no-WD exp-LR group"),
     wd_vs_exp_case("wdexp-neg-eval-running-stats", negative=True,
                    measurements=("si_norm", ("eval_gap", {"every": 20})),

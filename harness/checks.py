@@ -15,9 +15,9 @@ VERDICT_COLUMNS = ["case", "claim", "property", "measured", "expected", "toleran
                    "negative", "ok", "source", "detail"]
 
 
-def _select(results: pd.DataFrame, metric: str, arms: tuple[str, ...] | None,
+def _select(results: pd.DataFrame, metric: str | tuple[str, ...], arms: tuple[str, ...] | None,
             steps: tuple[int, int | None]) -> pd.DataFrame:
-    sel = results[results.metric == metric]
+    sel = results[results.metric.isin(_metrics(metric))]
     if arms is not None:
         sel = sel[sel.arm.isin(arms)]
     lo, hi = steps
@@ -25,6 +25,14 @@ def _select(results: pd.DataFrame, metric: str, arms: tuple[str, ...] | None,
     if hi is not None:
         sel = sel[sel.step <= hi]
     return sel
+
+
+def _metrics(metric: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (metric,) if isinstance(metric, str) else tuple(metric)
+
+
+def _label(metric: str | tuple[str, ...]) -> str:
+    return "|".join(_metrics(metric))
 
 
 def _worst(values: pd.Series, highest: bool) -> float:
@@ -35,20 +43,21 @@ def _worst(values: pd.Series, highest: bool) -> float:
     return float(values.max() if highest else values.min())
 
 
-def max_below(metric: str, below: float, *, source: str, arms: tuple[str, ...] | None = None,
+def max_below(metric: str | tuple[str, ...], below: float, *, source: str, arms: tuple[str, ...] | None = None,
               steps: tuple[int, int | None] = (1, None), name: str | None = None,
               inclusive: bool = False) -> Property:
     """The largest value of `metric` (over arms, seeds and steps in range) stays below `below`
-    (`inclusive`: at most `below`, e.g. exactly 0 for bitwise equality)."""
+    (`inclusive`: at most `below`, e.g. exactly 0 for bitwise equality). A tuple of metrics is read
+    as one pool (e.g. the function gap on the batch and on the probe)."""
     rel = "<=" if inclusive else "<"
 
     def check(results: pd.DataFrame, case: Case) -> Verdict:
         sel = _select(results, metric, arms, steps)
         measured = _worst(sel.value, highest=True)
         held = measured <= below if inclusive else measured < below
-        return Verdict(measured, f"max {metric} {rel} {below:.3g}", below, bool(held),
+        return Verdict(measured, f"max {_label(metric)} {rel} {below:.3g}", below, bool(held),
                        detail=f"{len(sel)} values, steps {steps[0]}..{steps[1] or 'end'}")
-    return Property(name or f"max_{metric}", check, source)
+    return Property(name or f"max_{_label(metric)}", check, source)
 
 
 def max_above(metric: str, above: float, *, source: str, arms: tuple[str, ...] | None = None,

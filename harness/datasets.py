@@ -169,11 +169,17 @@ def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtyp
                         augment=augment, test_x=test_x, test_y=test_y, eval_sets=eval_sets, transform=transform)
 
 
+def _two_pattern(**kw) -> TensorSource:
+    """Li, Wei & Ma's two-pattern toy (harness.two_pattern, imported lazily: it imports this module)."""
+    from harness.two_pattern import two_pattern
+    return two_pattern(**kw)
+
+
 SOURCES: dict[str, Callable[..., TensorSource]] = {
     "gaussian_mixture": gaussian_mixture,
     "cifar10": cifar10,
     "two_blobs": two_blobs,
-    "two_pattern": lambda **kw: __import__("harness.two_pattern").two_pattern.two_pattern(**kw),  # Li, Wei & Ma toy (lazy: no cycle)
+    "two_pattern": _two_pattern,
 }
 
 

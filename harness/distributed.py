@@ -192,6 +192,14 @@ def _global_mean(value: float, device: torch.device, size: int) -> float:
     return float(t) / size
 
 
+def _gather_batch(t: torch.Tensor, size: int) -> torch.Tensor:
+    """The global batch's rows from every rank's shard, in rank order (= batch order)."""
+    import torch.distributed as dist
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def run_seed(case, seed: int, *, steps: int, env, bn: str = "global") -> tuple[list[tuple], dict]:
     """One seed of `case` for `steps` updates on this rank. Returns (tidy rows, final state dicts per
     arm); the rows are complete on rank 0 only (the other ranks return none)."""
@@ -247,6 +255,7 @@ def run_seed(case, seed: int, *, steps: int, env, bn: str = "global") -> tuple[l
                 finally:
                     arm.model = raw
                 arm.last_loss = value = _global_mean(value, device, size)
+                arm.last_output = _gather_batch(arm.last_output, size)  # batch_gap on the global batch
             else:
                 value = arm.step(k, x, y)
             if not np.isfinite(value):

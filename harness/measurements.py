@@ -79,6 +79,18 @@ def train_gap(ctx) -> list[Row]:
     return _gaps(ctx, lambda m: train_mode_outputs(m, ctx.probe), "train_gap")
 
 
+def batch_gap(ctx) -> list[Row]:
+    """The same relative gap on the step's own training batch, from the outputs the training
+    forward already computed (at the weights before the update): a function-space check at every
+    step for the price of a subtraction. Arms trained on a different batch (batch_multiplier) are
+    skipped. The fixed-probe `train_gap` complements it every few steps and after the last update."""
+    ref = ctx.arms[ctx.reference].last_output
+    return [(name, "batch_gap", relative_gap(arm.last_output, ref))
+            for name, arm in ctx.arms.items()
+            if name != ctx.reference and arm.last_output is not None and arm.last_output.shape == ref.shape]
+
+
+
 def eval_gap(ctx) -> list[Row]:
     """The same gap in eval mode: with the running statistics as trained (not predicted equal),
     and with statistics recomputed at the current weights on the probe batch (predicted equal)."""
@@ -185,8 +197,15 @@ def eval_accuracy(ctx, batch: int = 1000) -> list[Row]:
             for name, arm in ctx.arms.items() for set_name, (x, y) in ctx.source.eval_sets.items()]
 
 
+def _linear_baseline(ctx) -> list[Row]:
+    """The two-pattern toy's best linear rule (harness.two_pattern, imported lazily)."""
+    from harness.two_pattern import linear_baseline
+    return linear_baseline(ctx)
+
+
 MEASUREMENTS: dict[str, Callable] = {
     "train_gap": train_gap,
+    "batch_gap": batch_gap,
     "eval_gap": eval_gap,
     "si_norm": si_norm,
     "si_weight_gap": si_weight_gap,
@@ -196,7 +215,7 @@ MEASUREMENTS: dict[str, Callable] = {
     "schedule": schedule,
     "test_acc": test_accuracy,
     "eval_acc": eval_accuracy,
-    "linear_baseline": lambda ctx: __import__("harness.two_pattern").two_pattern.linear_baseline(ctx),  # lazy: no cycle
+    "linear_baseline": _linear_baseline,
 }
 
 

@@ -411,6 +411,12 @@ def wrn16_10(**kwargs) -> nn.Module:
     return wide_resnet_cifar(depth=16, widen=10, **kwargs)
 
 
+def _two_layer_relu(**kw) -> nn.Module:
+    """The two-pattern toy's net (harness.two_pattern, imported lazily: it imports this module)."""
+    from harness.two_pattern import TwoLayerReLU
+    return TwoLayerReLU(**kw)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "norm_mlp": NormMLP,
     "norm_cnn": NormCNN,
@@ -421,7 +427,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "preresnet_cifar": preresnet_cifar,  # any depth 6n + 2 (small ones for smoke and unit tests)
     "wrn_cifar": wide_resnet_cifar,  # any depth 6n + 4 and widen factor
     "toy_logit": ToyLogit,
-    "two_layer_relu": lambda **kw: __import__("harness.two_pattern").two_pattern.TwoLayerReLU(**kw),  # lazy: no cycle
+    "two_layer_relu": _two_layer_relu,
 }
 
 

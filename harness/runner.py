@@ -114,6 +114,7 @@ class ArmState:
                 for p in params:
                     self.optimizer.state[p]["momentum_buffer"] = g.lr.initial_buffer(p.detach()).clone()
         self.last_loss = float("nan")
+        self.last_output: torch.Tensor | None = None
         self.updates = 0  # parameter updates so far (the batch-size claim counts them)
         self.epoch_loss = float("nan")  # epoch-unit cases: mean training loss over the last epoch
         self.batch_size = 0  # the batch size of the last update
@@ -134,7 +135,9 @@ class ArmState:
         if not (self._plain_train and all(m.training for m in self._modules)):
             self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(x), y)
+        out = self.model(x)
+        self.last_output = out.detach()  # the 'batch_gap' observer compares arms on it, for free
+        loss = nn.functional.cross_entropy(out, y)
         loss.backward()
         with torch.no_grad():
             for g, params in self.groups:

@@ -88,11 +88,13 @@ def sample(types: torch.Tensor, vectors: dict[str, torch.Tensor], gen: torch.Gen
 
 def two_pattern(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtype,
                 device: torch.device, smoke: bool, d: int = 500, n_train: int = 1000,
-                n_test: int = 2000, frac_x1: float = 0.2, frac_x2: float = 0.2, c: float = 1.0,
-                s: float = 1.0, scale: float = 20.0, batch_size: int = 16, memorizable: bool = True,
+                n_test: int = 2000, frac_x1: float = 0.2, frac_x2: float = 0.2, c: float = 0.75,
+                s: float = 0.05, scale: float = 20.0, batch_size: int = 16, memorizable: bool = True,
                 x2_separable: bool = False) -> TwoPatternSource:
     """The training set (n_train, mixed types), a mixed test split of n_test, and eval sets of
-    n_test examples each: 'x1_only', 'x2_only' and 'both'. Everything from the data stream `gen`."""
+    n_test examples each: 'x1_only', 'x2_only' and 'both'. Everything from the data stream `gen`.
+    The defaults are the constants measured in cases/learning_order_toy.py (c, s are not in CLAIMS):
+    with s = 0.05 and scale = 20 the x1 block has norm ≈ 1 and the x2 block up to 20."""
     if smoke:
         n_train, n_test = min(n_train, 8 * batch_size), min(n_test, 64)
     vectors = draw_vectors(d, gen)
@@ -105,12 +107,12 @@ def two_pattern(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.
         ex, ey = sample(torch.full((n_test,), kind, dtype=torch.long), vectors, gen, **opts)
         eval_sets[TYPE_NAMES[kind]] = (ex, ey)
 
-    def put(x, y):
-        return x.to(device, dtype), ((y > 0).long()).to(device)
+    def put(x, y):  # labels y = ±1 -> classes 1/0 (logit f > 0 <=> y = +1)
+        return x.to(device, dtype), (y > 0).long().to(device)
 
-    return TwoPatternSource(*put(train_x, train_y), batch_size=batch_size, gen=gen,
-                            test_x=put(test_x, test_y)[0], test_y=put(test_x, test_y)[1],
-                            eval_sets={k: put(*v) for k, v in eval_sets.items()},
+    test_x, test_y = put(test_x, test_y)
+    return TwoPatternSource(*put(train_x, train_y), batch_size=batch_size, gen=gen, test_x=test_x,
+                            test_y=test_y, eval_sets={k: put(*v) for k, v in eval_sets.items()},
                             train_types=train_types.to(device), d=d, vectors=vectors)
 
 
@@ -140,7 +142,7 @@ def best_linear_rule(x: torch.Tensor, y: torch.Tensor, *, angles: int = 1440,
     if rank_tol is None:
         rank_tol = 1e3 * torch.finfo(x.dtype).eps
     x = x.double()
-    u, sv, vt = torch.linalg.svd(x, full_matrices=False)
+    _, sv, vt = torch.linalg.svd(x, full_matrices=False)
     r = int((sv > rank_tol * sv[0]).sum())
     if r > 2:
         raise ValueError(f"best_linear_rule searches a span of at most 2 dimensions, the data span {r}")
@@ -208,8 +210,10 @@ def linear_baseline(ctx) -> list[tuple[str, str, float]]:
 
 # ---- check ------------------------------------------------------------------------------------------
 
-def _per_seed(results: pd.DataFrame, arm: str, metric: str, step: int | None) -> pd.Series:
-    sel = results[(results.metric == metric) & (results.arm == arm)]
+def _per_seed(results: pd.DataFrame, arm: str | None, metric: str, step: int | None) -> pd.Series:
+    sel = results[results.metric == metric]
+    if arm is not None:
+        sel = sel[sel.arm == arm]
     if step is not None:
         sel = sel[sel.step == step]
     return sel.sort_values("step").groupby("seed").value.last()
@@ -217,21 +221,23 @@ def _per_seed(results: pd.DataFrame, arm: str, metric: str, step: int | None) ->
 
 def difference_above(a: tuple[str, str, int | None], b: tuple[str, str, int | None], above: float, *,
                      source: str, name: str, aggregate: str = "median") -> Property:
-    """Per seed, value a − value b, where each is (arm, metric, step) (step None: the last value);
-    aggregated over seeds by `aggregate` ('median' or 'min', the worst seed) and compared: > above."""
+    """Per seed, value a − value b, where each is (arm, metric, step) (arm None: any arm, for
+    arm-independent rows such as linear_baseline's; step None: the last value); aggregated over seeds by
+    `aggregate` ('median' or 'min', the worst seed) and compared: > above."""
     if aggregate not in ("median", "min"):
         raise ValueError(f"aggregate must be 'median' or 'min', got {aggregate!r}")
 
     def label(spec):
         arm, metric, step = spec
-        return f"{metric}[{arm}]" + (f"@{step}" if step is not None else "")
+        return metric + (f"[{arm}]" if arm else "") + (f"@{step}" if step is not None else "")
 
     expected = f"{aggregate} over seeds of {label(a)} − {label(b)} > {above:g}"
 
     def check(results: pd.DataFrame, case: Case) -> Verdict:
-        diff = (_per_seed(results, *a) - _per_seed(results, *b)).dropna()
-        if diff.empty:
-            return Verdict(math.nan, expected, above, False, detail=f"no rows for {label(a)} and {label(b)}")
+        diff = _per_seed(results, *a) - _per_seed(results, *b)  # NaN where a seed lacks either value
+        if diff.empty or diff.isna().any():
+            return Verdict(math.nan, expected, above, False,
+                           detail=f"missing or NaN rows for {label(a)} or {label(b)} (seeds {list(diff.index)})")
         measured = float(diff.median() if aggregate == "median" else diff.min())
         per_seed = ", ".join(f"seed {s}: {v:.3f}" for s, v in diff.items())
         return Verdict(measured, expected, above, bool(measured > above), detail=per_seed)

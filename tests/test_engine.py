@@ -128,3 +128,38 @@ def test_unknown_components_name_the_registry():
         run_case(dataclasses.replace(GOOD, model=("nope", {})), RunEnv())
     with pytest.raises(ValueError, match="unknown data source 'nope'"):
         run_case(dataclasses.replace(GOOD, data=("nope", {})), RunEnv())
+
+
+@pytest.mark.parametrize("case_id,exact", [("wdexp-zerobuf-mlp-bn", True), ("wdexp-neg-decoupled-wd", False)])
+def test_batch_gap_alone_tells_exact_from_broken(case_id, exact):
+    """The free per-step gap on the training batch separates an exact equivalence (roundoff) from
+    its negative control by itself, without the probe."""
+    case = dataclasses.replace(registry.get(case_id), measurements=("batch_gap",))
+    gap = run_case(case, RunEnv(seeds=(0,)))
+    assert set(gap.metric) == {"batch_gap"} and len(gap) == case.steps
+    assert (gap.value.max() < 1e-12) if exact else (gap.value.max() > 1e-3), gap.value.max()
+
+
+def test_batch_gap_matches_the_probe_gap_on_the_same_inputs():
+    """batch_gap at step t is the train-mode gap at the weights before update t on that batch:
+    recomputing it with train_mode_outputs gives the same number."""
+    from harness import measurements
+    from harness.runner import ArmState, arm_model
+    from harness.optim import load_factory
+
+    case = registry.get("wdexp-neg-decoupled-wd")
+    model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=0, dtype=torch.float64,
+                         device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    arms = {a.name: ArmState(a, arm_model(model0, a, gen), load_factory("torch.optim:SGD"), "torch.optim:SGD", ())
+            for a in case.arms}
+    x = torch.randn(32, 20, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (32,), generator=gen)
+    for k in range(5):
+        before = {n: measurements.train_mode_outputs(a.model, x) for n, a in arms.items()}
+        for a in arms.values():
+            a.step(k, x, y)
+    ctx = type("Ctx", (), {"arms": arms, "reference": case.reference})
+    (_, metric, value), = measurements.batch_gap(ctx)
+    assert metric == "batch_gap"
+    assert value == pytest.approx(measurements.relative_gap(before["exp"], before["wd"]), rel=1e-12)
