@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="a few steps on tiny data; results, no verdicts")
     run.add_argument("--include-slow", action="store_true", help="with --profile: include slow cases")
     run.add_argument("--data", metavar="DIR", help="CIFAR-10 data root (default: $HARNESS_DATA)")
+    run.add_argument("--download", action="store_true",
+                     help="let torchvision download CIFAR-10 into the data root when no source is found there")
     run.add_argument("--out", type=Path, help="run directory (default: runs/<UTC time>-<profile>)")
     run.add_argument("--html", type=Path, help="also write the HTML report here")
 
@@ -153,6 +155,8 @@ def cmd_run(args) -> int:
         if not Path(args.data).is_dir():
             raise BadInput(f"--data {args.data}: not a directory")
         os.environ["HARNESS_DATA"] = str(Path(args.data).resolve())
+    if args.download:
+        os.environ["HARNESS_DOWNLOAD"] = "1"  # read by harness.datasets.cifar10
     env = RunEnv(device=args.device, optimizer=optimizer, dtype=args.dtype, smoke=args.smoke,
                  seeds=args.seeds)
 

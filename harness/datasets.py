@@ -6,6 +6,7 @@ augmentation stream for crops/flips), never from torch's global RNG.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -146,7 +147,9 @@ def cifar10(*, gen: torch.Generator, aug_gen: torch.Generator, dtype: torch.dtyp
     of a harness.patch.PatchRecipe (patched CIFAR-10 of Li, Wei & Ma), drawn on the seed's streams."""
     from harness import cifar
 
-    arrays = cifar.load_cifar10()  # root from HARNESS_DATA (the CLI's --data sets it)
+    # Root from HARNESS_DATA and the download switch from HARNESS_DOWNLOAD (the CLI's --data and
+    # --download set them).
+    arrays = cifar.load_cifar10(download=os.environ.get("HARNESS_DOWNLOAD") == "1")
     if smoke:
         per_class = min(per_class or smoke_per_class, smoke_per_class)
         test_per_class = min(test_per_class or smoke_per_class, smoke_per_class)

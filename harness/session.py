@@ -10,6 +10,7 @@ import pandas as pd
 
 from harness.checks import VERDICT_COLUMNS, evaluate
 from harness.runner import RESULT_COLUMNS, Diverged, RunEnv, Unsupported, run_case
+from harness.schedules import SettingError
 from harness.spec import Case
 
 STATUSES = ("ok", "fail", "error", "skipped", "smoke", "xfail", "xpass")
@@ -38,6 +39,10 @@ def execute(case: Case, env: RunEnv) -> Outcome:
         results = run_case(case, env)
     except Unsupported as exc:
         return Outcome(case, empty_results, empty_verdicts, "skipped", str(exc))
+    except SettingError:
+        raise  # bad hyperparameters: bad input for the caller (the CLI exits 2)
+    except ValueError as exc:  # the case cannot run as declared here (data too small, batch > set, ...)
+        return Outcome(case, empty_results, empty_verdicts, "error", f"{case.id} cannot run: {exc}")
     except Diverged as exc:
         verdicts = pd.DataFrame([dict(case=case.id, claim=case.claim, property=p.name, measured=math.nan,
                                       expected="(run diverged)", tolerance=math.nan, passed=False,

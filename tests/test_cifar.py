@@ -402,3 +402,28 @@ def test_real_cifar10(monkeypatch):
     tx, _ = cifar.to_tensors(a.train_x[idx], a.train_y[idx], device="cpu", dtype=torch.float32)
     np.testing.assert_allclose(tx.mean(dim=(0, 2, 3)).numpy(), 0, atol=0.1)
     np.testing.assert_allclose(tx.std(dim=(0, 2, 3)).numpy(), 1, atol=0.1)
+
+
+def test_cli_download_flag_reaches_the_data_layer(tmp_path, skip_md5, monkeypatch, capsys):
+    """`harness run --download` is the third way the not-found message names: without it a CIFAR
+    case is bad input (exit 2, nothing fetched); with it torchvision fetches into the data root
+    (the 5-image fake is then too small for the case's subset: a different error, not 'not found')."""
+    from harness import cli
+
+    fetched = []
+
+    def fake_download(self):
+        if not (pathlib.Path(self.root) / cifar.BATCHES_DIR).exists():
+            fetched.append(self.root)
+            write_fake_batches(pathlib.Path(self.root))
+
+    monkeypatch.setattr(skip_md5.CIFAR10, "download", fake_download)
+    monkeypatch.delenv("HARNESS_DOWNLOAD", raising=False)
+    root = tmp_path / "empty"
+    root.mkdir()
+    args = ["run", "batch-cifar-increase-batch", "--smoke", "--data", str(root)]
+    assert cli.main([*args, "--out", str(tmp_path / "r1")]) == 2 and not fetched
+    assert "CIFAR-10 not found" in capsys.readouterr().err
+    cli.main([*args, "--download", "--out", str(tmp_path / "r2")])
+    assert len(fetched) == 1
+    assert "CIFAR-10 not found" not in capsys.readouterr().err
