@@ -72,7 +72,13 @@ MODEL_CASES = {
     "norm_cnn": ("wdexp-zerobuf-cnn-bn", None),
     "resnet18_cifar": ("wdexp-gpu-resnet18-cifar10",
                        ("gaussian_mixture", {"n": 64, "shape": (3, 32, 32), "classes": 10, "batch_size": 8})),
+    # The batch-size claim's GPU model (ghost BN 128), on the same small Gaussian batch.
+    "wrn16_4": ("batch-gpu-wrn16-4-cifar10",
+                ("gaussian_mixture", {"n": 64, "shape": (3, 32, 32), "classes": 10, "batch_size": 8})),
+    "two_layer_relu": ("lwm-toy-learning-order", None),  # the learning-order toy, its own data
 }
+# Not here: WRN-16-10 (the learning-order GPU model, 6× WRN-16-4's FLOPs: seconds per CPU step) and
+# the small CIFAR CNNs of the slow cases (norm_cnn, covered above at the exact cases' size).
 NEEDS_TEST_SPLIT = {"test_acc", "eval_acc"}  # not measurable on the benchmarks' Gaussian ResNet batch
 CYCLE = 200  # the LR index cycles over the CPU cases' 200 steps, so exp-LR stays in its real range
 
@@ -100,7 +106,10 @@ def lockstep_state(model_name: str, seed: int = 0) -> SimpleNamespace:
     # The case's own measurements, each at its declared frequency (`every`).
     observers = [measurements.resolve(m) for m in case.measurements
                  if (m if isinstance(m, str) else m[0]) not in NEEDS_TEST_SPLIT]
-    return SimpleNamespace(case=case, model0=model0, arms=arms, ctx=ctx, x=x, y=y, k=0, observers=observers)
+    # Epoch-unit cases observe once per epoch: an observer call is spread over the epoch's updates.
+    per_update = 1 / source.steps_per_epoch if case.unit == "epoch" else 1.0
+    return SimpleNamespace(case=case, model0=model0, arms=arms, ctx=ctx, x=x, y=y, k=0, observers=observers,
+                           per_update=per_update)
 
 
 def lockstep_update(s: SimpleNamespace, measured: bool) -> None:
@@ -124,10 +133,11 @@ def observe_rows(s: SimpleNamespace, observe) -> list:
 
 def amortized_observer_seconds(s: SimpleNamespace, rounds: int, inner: int) -> float:
     """CPU seconds per update spent in the case's observers: each observer's best time per call
-    divided by its `every` (an observer that runs every 25th update costs 1/25 of a call per update)."""
+    divided by its `every` (an observer that runs every 25th update costs 1/25 of a call per update),
+    and by the updates per epoch in an epoch-unit case."""
     s.ctx.t = 1
-    return sum(best_of(lambda: observe_rows(s, observe), rounds, inner) / every
-               for _, observe, every in s.observers)
+    return s.per_update * sum(best_of(lambda: observe_rows(s, observe), rounds, inner) / every
+                              for _, observe, every in s.observers)
 
 
 class RawLoop:
@@ -141,7 +151,7 @@ class RawLoop:
         si = set(self.model.si_names)
         params = [p for n, p in self.model.named_parameters()
                   if p.requires_grad and (n in si or not frozen)]
-        g = arm.spec.si
+        g = arm.spec.si if arm.si_params else arm.spec.other  # the group that holds the parameters
         self.opt = torch.optim.SGD(params, lr=g.lr(0), momentum=g.momentum, weight_decay=g.weight_decay)
         self.x, self.y = s.x, s.y
 
