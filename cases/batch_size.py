@@ -51,17 +51,40 @@ RAMP_K2 = arm("increase_batch_x25", Constant(LR), BatchSize((0, MILESTONES[0]), 
 NEVER = arm("never_anneal", Constant(LR), BatchSize((0,), (B0,)))
 
 # --- Tolerances -----------------------------------------------------------------------------
-CALIBRATION = "calibration pending"
-LOSS_BAND = 0.05
-ACC_BAND = 0.02
+# Calibration: every arm below in one run per model, seeds 0, 1, 2 (torch 2.14.1, CPU, 1 thread,
+# float32). Per seed: the largest |epoch loss − decay_lr's| over epochs 7–15 (after the first noise
+# step), and final test accuracy (mean of epochs 13–15) minus decay_lr's.
+#   arm                      max |Δ loss| ep. 7–15      Δ final accuracy
+#   increase_batch           0.029  0.027  0.028        −0.002  −0.001  +0.000
+#   hybrid                   0.029  0.027  0.014        −0.003  −0.004  −0.002
+#   lr_x5_batch_x5           0.113  0.130  0.097        −0.027  −0.013  −0.012
+#   momentum_0.98_batch_x5   0.230  0.250  0.260        −0.076  −0.078  −0.070
+#   increase_batch_x25       0.076  0.111  0.081        −0.022  −0.022  −0.016   (negative control)
+#   never_anneal             0.206  0.213  0.195        −0.093  −0.089  −0.074   (negative control)
+#   increase_batch_plain_bn  0.042  0.051  0.043        −0.016  −0.020  −0.010   (negative control,
+#                                                                                 plain-BN model)
+# decay_lr itself, across seeds: the epoch loss spreads by at most 0.018 (epochs 7–15: 0.018, 0.015,
+# 0.006, 0.006, 0.012, 0.010, 0.003, 0.007, 0.010) and the final accuracy by 0.011 (0.590, 0.579, 0.579).
+# 15 epochs take 1.5–4 min per arm and seed on one core (less for the arms with large batches).
+CALIBRATION = "seeds 0–2, module comment: "
+LOSS_BAND = 0.04  # ≈ 2 × decay_lr's largest seed-to-seed spread of the epoch loss after the first step
+LOSS_SOURCE = (CALIBRATION + "band 0.04 ≈ 2× the decay arm's seed spread of the epoch loss (≤ 0.018); "
+               "increase_batch measured 0.027–0.029, never_anneal 0.195–0.213")
+ACC_BAND = 0.011  # decay_lr's seed range of the final accuracy: "within the seed spread"
+ACC_SOURCE = (CALIBRATION + "band 0.011 = the decay arm's seed range of the final accuracy; "
+              "increase_batch measured ≤ 0.002, never_anneal ≥ 0.074")
+NOT_AT_THIS_SCALE = (
+    "does not reproduce at CPU scale: 15 epochs, 5 per noise level, and 480 updates in all (the paper: 200 "
+    "epochs and about 6,300 / 2,160 updates); measured, seeds 0–2: {}. The case stays to be re-judged at "
+    "GPU scale (batch-gpu-wrn16-4-cifar10)")
 
 
 def loss_agrees(arm_name: str) -> object:
-    return max_difference_below("epoch_loss", arm_name, LOSS_BAND, steps=AFTER_FIRST_STEP, source=CALIBRATION)
+    return max_difference_below("epoch_loss", arm_name, LOSS_BAND, steps=AFTER_FIRST_STEP, source=LOSS_SOURCE)
 
 
 def accuracy_agrees(arm_name: str) -> object:
-    return final_difference_below("test_acc", arm_name, ACC_BAND, last=3, source=CALIBRATION)
+    return final_difference_below("test_acc", arm_name, ACC_BAND, last=3, source=ACC_SOURCE)
 
 
 def batch_case(case_id: str, arms: tuple[Arm, ...], properties: tuple, *, model=None, negative=False,
@@ -84,20 +107,26 @@ CASES = [
     batch_case("batch-cifar-large-lr", (LARGE_LR,),
                (loss_agrees(LARGE_LR.name), accuracy_agrees(LARGE_LR.name),
                 updates_follow_schedule(LARGE_LR.name, N_TRAIN, source="exact: Σ_e ⌊N/B(e)⌋")),
-               description="B ∝ η: η 0.5 with B 160 → 800, then η ÷5 at the cap"),
+               description="B ∝ η: η 0.5 with B 160 → 800, then η ÷5 at the cap",
+               xfail=NOT_AT_THIS_SCALE.format("max |Δ loss| 0.097–0.130 vs 0.04, Δ accuracy 0.012–0.027 vs 0.011")),
     batch_case("batch-cifar-momentum", (MOMENTUM_98,),
                (loss_agrees(MOMENTUM_98.name), accuracy_agrees(MOMENTUM_98.name),
                 updates_follow_schedule(MOMENTUM_98.name, N_TRAIN, source="exact: Σ_e ⌊N/B(e)⌋")),
-               description="B ∝ 1/(1 − γ): γ 0.98 with B 160 → 800, then η ÷5 at the cap"),
+               description="B ∝ 1/(1 − γ): γ 0.98 with B 160 → 800, then η ÷5 at the cap",
+               xfail=NOT_AT_THIS_SCALE.format("max |Δ loss| 0.23–0.26 vs 0.04, Δ accuracy 0.070–0.078 vs 0.011; "
+                                              "the paper also loses a point with this variant (93.3% vs 94.3%)")),
     # Negative controls: the curve must not follow the decay arm's.
-    batch_case("batch-cifar-neg-batch-x25", (RAMP_K2,), (loss_agrees(RAMP_K2.name),), negative=True,
+    batch_case("batch-cifar-neg-batch-x25", (RAMP_K2,), (loss_agrees(RAMP_K2.name), accuracy_agrees(RAMP_K2.name)),
+               negative=True,
                description="B ×25 at the first step: the noise falls 5× too far"),
     batch_case("batch-cifar-neg-never-anneal", (NEVER,),
                (loss_agrees(NEVER.name), accuracy_agrees(NEVER.name)), negative=True,
                description="η 0.1 and B 32 throughout"),
+    # Gated on accuracy only: its loss curve also leaves the band, but only just (0.042–0.051 vs 0.04).
     batch_case("batch-cifar-neg-plain-bn", (annealed("increase_batch_plain_bn", by="batch"),),
-               (loss_agrees("increase_batch_plain_bn"),), model=cnn(ghost_batch=None), negative=True,
-               description="the batch-growing arm with plain BN: its BN noise falls with B"),
+               (accuracy_agrees("increase_batch_plain_bn"),), model=cnn(ghost_batch=None), negative=True,
+               description="the batch-growing arm with plain BN: its BN noise falls with B (final accuracy "
+                           "1.0–2.0 points below decay_lr)"),
 ]
 
 # --- GPU profile ------------------------------------------------------------------------------
