@@ -243,7 +243,8 @@ def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:
         ok = (not v.passed) if case.negative else v.passed
         if case.negative and math.isnan(v.measured):
             ok = False  # an unmeasured property does not count as the intended failure
+        detail = v.detail + (f" [expected to fail here: {prop.xfail}]" if prop.xfail else "")
         rows.append(dict(case=case.id, claim=case.claim, property=prop.name, measured=v.measured,
                          expected=v.expected, tolerance=v.tolerance, passed=v.passed,
-                         negative=case.negative, ok=ok, source=prop.source, detail=v.detail))
+                         negative=case.negative, ok=ok, source=prop.source, detail=detail))
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)

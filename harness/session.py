@@ -58,13 +58,22 @@ def execute(case: Case, env: RunEnv) -> Outcome:
                            f"{sorted(set(results.arm))} (expected finite rows for {sorted(arms)})")
         return Outcome(case, results, empty_verdicts, "smoke", f"{len(results)} rows")
     verdicts = evaluate(case, results)
+    documented = {p.name: p.xfail for p in case.properties if p.xfail}  # per-property non-reproductions
     failed = verdicts[~verdicts.ok.astype(bool)]
-    if failed.empty:
+    unexpected = failed[~failed.property.isin(documented)]
+    xpassed = verdicts[verdicts.ok.astype(bool) & verdicts.property.isin(documented)]
+    msgs = [f"{r.property}: measured {r.measured:.3g}, expected {r.expected}"
+            + (" to FAIL (negative control)" if case.negative else "") for r in unexpected.itertuples()]
+    if unexpected.empty:
         if case.xfail:  # the claim now reproduces: the xfail must be removed, loudly
             return Outcome(case, results, verdicts, "xpass", f"expected to fail ({case.xfail}) but passed")
+        if not xpassed.empty:
+            return Outcome(case, results, verdicts, "xpass", "; ".join(
+                f"{r.property} expected to fail ({documented[r.property]}) but passed" for r in xpassed.itertuples()))
+        if not failed.empty:
+            return Outcome(case, results, verdicts, "xfail", "; ".join(
+                f"{r.property}: measured {r.measured:.3g} ({documented[r.property]})" for r in failed.itertuples()))
         return Outcome(case, results, verdicts, "ok")
-    msgs = [f"{r.property}: measured {r.measured:.3g}, expected {r.expected}"
-            + (" to FAIL (negative control)" if case.negative else "") for r in failed.itertuples()]
     if case.xfail:  # a documented non-reproduction, failing as measured
         return Outcome(case, results, verdicts, "xfail", f"{case.xfail}; " + "; ".join(msgs))
     return Outcome(case, results, verdicts, "fail", "; ".join(msgs))

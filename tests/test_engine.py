@@ -163,3 +163,31 @@ def test_batch_gap_matches_the_probe_gap_on_the_same_inputs():
     (_, metric, value), = measurements.batch_gap(ctx)
     assert metric == "batch_gap"
     assert value == pytest.approx(measurements.relative_gap(before["exp"], before["wd"]), rel=1e-12)
+
+
+def _always(passed: bool, name: str):
+    from harness.spec import Property, Verdict
+    return Property(name, lambda res, case: Verdict(1.0, "anything", 0.0, passed), source="test")
+
+
+@pytest.mark.parametrize("documented_passes,other_passes,status", [
+    (False, True, "xfail"),   # the documented non-reproduction fails as measured; the rest holds
+    (True, True, "xpass"),    # it now reproduces: loudly, so the mark gets removed
+    (False, False, "fail"),   # an undocumented failure is a failure whatever else is marked
+])
+def test_per_property_xfail(documented_passes, other_passes, status):
+    from harness.session import execute
+    case = dataclasses.replace(GOOD, steps=2, properties=(
+        _always(other_passes, "holds"),
+        _always(documented_passes, "does_not_reproduce").expected_to_fail("measured 0.3 vs 0.2 at this scale")))
+    outcome = execute(case, RunEnv(seeds=(0,)))
+    assert outcome.status == status, outcome.message
+    if status == "xfail":
+        assert "measured 0.3 vs 0.2" in outcome.message
+        assert "expected to fail here" in outcome.verdicts.set_index("property").detail["does_not_reproduce"]
+
+
+def test_negative_control_cannot_mark_a_property_xfail():
+    case = dataclasses.replace(GOOD, negative=True, properties=(_always(False, "p").expected_to_fail("x"),))
+    with pytest.raises(CaseError, match="negative control"):
+        validate(case)
