@@ -46,15 +46,41 @@ SMALL_ARM = arm("small_lr", Constant(SMALL))
 NOISE_ARM = arm("small_lr_act_noise", Constant(SMALL), act_noise=Piecewise((0, ANNEAL), (SIGMA, SIGMA * 1e-5)))
 
 # --- Calibration -----------------------------------------------------------------------------
-CALIBRATION = "calibration pending"
-SMALL_LEARNS_PATCH_EARLY = seed_median_max("acc_patch_only", SMALL_ARM.name, above=0.4, steps=BEFORE,
-                                           name="small_lr_learns_patch_before_annealing", source=CALIBRATION)
-LARGE_IGNORES_PATCH = seed_median_max("acc_patch_only", LARGE_ARM.name, below=0.2, steps=BEFORE,
-                                      name="large_lr_ignores_patch_before_annealing", source=CALIBRATION)
-LARGE_LEARNS_AFTER = seed_median_rise("acc_patch_only", LARGE_ARM.name, split=ANNEAL, above=0.08,
-                                      name="large_lr_learns_patch_after_annealing", source=CALIBRATION)
-NOISE_IGNORES_PATCH = seed_median_max("acc_patch_only", NOISE_ARM.name, below=0.2, steps=BEFORE,
-                                      name="act_noise_ignores_patch_before_annealing", source=CALIBRATION)
+# Measured (this code, seeds 0–2, torch 2.14.1 CPU, 1 thread, float32; chance = 0.10):
+#   per seed                                   large_lr             small_lr             small_lr_act_noise
+#   max patch-only acc, epochs 1–10            0.316 0.256 0.428    0.467 0.336 0.412    0.104 0.135 0.112
+#   max patch-only acc, epochs 11–20           1.000 1.000 1.000    1.000 1.000 1.000    0.602 1.000 0.815
+#   rise (after − before)                      0.684 0.744 0.572
+#   clean test acc, mean of epochs 18–20       0.618 0.640 0.645    0.438 0.478 0.409    0.513 0.423 0.518
+# Controls, max patch-only acc over epochs 1–10: no patch (small LR) 0.105 0.097 0.100; ζ scale 1.0
+# (large LR) 1.000 from epoch 2 on.
+# At this scale the small LR memorizes the patch only slowly (0.25–0.47 by epoch 10, 1.0 by epochs 11–17
+# at the same LR) and the large LR picks up part of it before annealing (0.26–0.43): the large LR is not
+# "near chance until annealing" here (CLAIMS.md §6's calibration, on a net whose details were not
+# recorded, measured 0.10–0.11). The activation-noise arm is. The clean-accuracy gap is large and
+# reliable, but CLAIMS.md §6 measured the same gap with no patch at all (66.3 vs 45.4): at this scale it
+# is the generic large-LR effect, not the patch mechanism. One case takes about 12 min per seed on one
+# core (3 arms × 20 epochs).
+SRC = "seeds 0–2, module comment: "
+SMALL_LEARNS_PATCH_EARLY = seed_median_max(
+    "acc_patch_only", SMALL_ARM.name, above=0.2, steps=BEFORE, name="small_lr_learns_patch_before_annealing",
+    source=SRC + "small LR 0.336–0.467, the no-patch control 0.097–0.105; 0.2 = twice chance, between them")
+LARGE_IGNORES_PATCH = seed_median_max(
+    "acc_patch_only", LARGE_ARM.name, below=0.2, steps=BEFORE, name="large_lr_ignores_patch_before_annealing",
+    source=SRC + "bound 0.2 = twice chance (declared before measuring); the ζ-scale-1.0 control reaches 1.0")
+LARGE_IGNORES_PATCH_HERE = LARGE_IGNORES_PATCH.expected_to_fail(
+    "at CPU scale the large LR reaches 0.256–0.428 patch-only accuracy before annealing (seeds 0–2), as "
+    "much as the small LR (0.336–0.467); CLAIMS.md §6 measured 0.10–0.11 on its own small net")
+LARGE_LEARNS_AFTER = seed_median_rise(
+    "acc_patch_only", LARGE_ARM.name, split=ANNEAL, above=0.3, name="large_lr_learns_patch_after_annealing",
+    source=SRC + "rise 0.572–0.744; bound 0.3 ≈ half the smallest")
+NOISE_IGNORES_PATCH = seed_median_max(
+    "acc_patch_only", NOISE_ARM.name, below=0.2, steps=BEFORE, name="act_noise_ignores_patch_before_annealing",
+    source=SRC + "act-noise arm 0.104–0.135; bound 0.2 = twice chance")
+CLEAN_GAP = final_advantage(
+    "test_acc", LARGE_ARM.name, over=SMALL_ARM.name, above=0.08, last=3, name="large_lr_ends_with_better_clean_accuracy",
+    source=SRC + "gap 0.162–0.236; bound 0.08 ≈ half the smallest. Not patch-specific at this scale: CLAIMS.md §6 "
+                 "measured the same gap without a patch")
 
 
 def patched_case(case_id: str, arms: tuple[Arm, ...], properties: tuple, *, patch: dict | None = PATCH,
@@ -66,18 +92,21 @@ def patched_case(case_id: str, arms: tuple[Arm, ...], properties: tuple, *, patc
 
 CASES = [
     patched_case("order-patched-cifar", (LARGE_ARM, SMALL_ARM, NOISE_ARM),
-                 (SMALL_LEARNS_PATCH_EARLY, LARGE_IGNORES_PATCH, LARGE_LEARNS_AFTER, NOISE_IGNORES_PATCH),
+                 (SMALL_LEARNS_PATCH_EARLY, LARGE_IGNORES_PATCH_HERE, LARGE_LEARNS_AFTER, NOISE_IGNORES_PATCH,
+                  CLEAN_GAP),
                  description="large LR 0.1 → 0.004 vs small LR 0.004 vs small LR with activation noise"),
-    # Negative controls. Their properties look only at epochs 1..ANNEAL, so they stop there.
+    # Negative controls. The first two stop at the anneal: their property looks only at epochs 1..ANNEAL.
     patched_case("order-patched-cifar-neg-no-patch", (SMALL_ARM,), (SMALL_LEARNS_PATCH_EARLY,),
                  patch={**PATCH, "patched_fraction": 0.0}, negative=True, epochs=ANNEAL,
                  description="no training image carries the patch: patch-only accuracy stays at chance"),
     patched_case("order-patched-cifar-neg-label-free", (SMALL_ARM,), (SMALL_LEARNS_PATCH_EARLY,),
                  patch={**PATCH, "zeta_scale": 0.0}, negative=True, epochs=ANNEAL,
                  description="ζ = 0: the patch carries no label, nothing to memorize"),
-    patched_case("order-patched-cifar-neg-easy-patch", (LARGE_ARM,), (LARGE_IGNORES_PATCH,),
-                 patch={**PATCH, "zeta_scale": 1.0}, negative=True, epochs=ANNEAL,
-                 description="ζ scale 1.0: the patch is easy enough that the large LR learns it at once"),
+    # Runs two epochs past the anneal: the rise after annealing is the property this control breaks.
+    patched_case("order-patched-cifar-neg-easy-patch", (LARGE_ARM,), (LARGE_IGNORES_PATCH, LARGE_LEARNS_AFTER),
+                 patch={**PATCH, "zeta_scale": 1.0}, negative=True, epochs=ANNEAL + 2,
+                 description="ζ scale 1.0: the patch is easy enough that the large LR learns it at once, "
+                             "so there is nothing left to learn after annealing"),
 ]
 
 # --- GPU profile ------------------------------------------------------------------------------
