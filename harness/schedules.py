@@ -34,7 +34,19 @@ def real_root_alpha(lr: float, wd: float, momentum: float) -> float:
     return (b + math.sqrt(max(b * b - 4 * momentum, 0.0))) / 2
 
 
-class Constant:
+class _ByValue:
+    """Equal when of the same type with the same settings, so two Groups declared alike compare
+    equal (the runner then gives them one optimizer group). Only for schedules that are pure
+    functions of their constructor arguments."""
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted((k, repr(v)) for k, v in vars(self).items()))))
+
+
+class Constant(_ByValue):
     def __init__(self, lr: float):
         if not lr > 0:
             raise SettingError(f"learning rate must be > 0, got {lr}")
@@ -47,7 +59,7 @@ class Constant:
         return f"constant({self.lr:g})"
 
 
-class StepDecay:
+class StepDecay(_ByValue):
     """η_0 multiplied by `factor` at each boundary step (boundaries are 0-based update indices)."""
 
     def __init__(self, lr: float, boundaries: tuple[int, ...], factor: float):
@@ -145,7 +157,7 @@ def zero_buffer_exp_lr(lr: float, wd: float, momentum: float) -> TexpPP:
     return TexpPP(Constant(lr), wd, momentum)
 
 
-class Piecewise:
+class Piecewise(_ByValue):
     """Piecewise-constant LR: `values[i]` from update `starts[i]` on (starts[0] == 0)."""
 
     def __init__(self, starts: tuple[int, ...], values: tuple[float, ...]):
@@ -164,7 +176,7 @@ class Piecewise:
         return f"piecewise({dict(zip(self.starts, self.values))})"
 
 
-class Cosine:
+class Cosine(_ByValue):
     """η_min + (η_max − η_min)(1 + cos(π k/T))/2, constant η_min after T."""
 
     def __init__(self, lr: float, total: int, lr_min: float):
