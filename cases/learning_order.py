@@ -52,8 +52,9 @@ NOISE_ARM = arm("small_lr_act_noise", Constant(SMALL), act_noise=Piecewise((0, A
 #   max patch-only acc, epochs 11–20           1.000 1.000 1.000    1.000 1.000 1.000    0.602 1.000 0.815
 #   rise (after − before)                      0.684 0.744 0.572
 #   clean test acc, mean of epochs 18–20       0.618 0.640 0.645    0.438 0.478 0.409    0.513 0.423 0.518
-# Controls, max patch-only acc over epochs 1–10: no patch (small LR) 0.105 0.097 0.100; ζ scale 1.0
-# (large LR) 1.000 from epoch 2 on.
+# Controls, max patch-only acc over epochs 1–10: no patch (small LR) 0.105 0.097 0.100; label-free,
+# ζ = 0 (small LR) 0.105 0.104 0.097; ζ scale 1.0 (large LR) 1.000 from epoch 2 on, rise after
+# annealing 0 (epochs 11–12).
 # At this scale the small LR memorizes the patch only slowly (0.25–0.47 by epoch 10, 1.0 by epochs 11–17
 # at the same LR) and the large LR picks up part of it before annealing (0.26–0.43): the large LR is not
 # "near chance until annealing" here (CLAIMS.md §6's calibration, on a net whose details were not
