@@ -65,7 +65,8 @@ NEVER = arm("never_anneal", Constant(LR), BatchSize((0,), (B0,)))
 #                                                                                 plain-BN model)
 # decay_lr itself, across seeds: the epoch loss spreads by at most 0.018 (epochs 7–15: 0.018, 0.015,
 # 0.006, 0.006, 0.012, 0.010, 0.003, 0.007, 0.010) and the final accuracy by 0.011 (0.590, 0.579, 0.579).
-# 15 epochs take 1.5–4 min per arm and seed on one core (less for the arms with large batches).
+# 15 epochs take about 1 min per arm and seed on one core (less for the arms with large batches):
+# 3–6 min per case under `pytest -m slow -n 2`.
 CALIBRATION = "seeds 0–2, module comment: "
 LOSS_BAND = 0.04  # ≈ 2 × decay_lr's largest seed-to-seed spread of the epoch loss after the first step
 LOSS_SOURCE = (CALIBRATION + "band 0.04 ≈ 2× the decay arm's seed spread of the epoch loss (≤ 0.018); "

@@ -60,8 +60,8 @@ NOISE_ARM = arm("small_lr_act_noise", Constant(SMALL), act_noise=Piecewise((0, A
 # "near chance until annealing" here (CLAIMS.md §6's calibration, on a net whose details were not
 # recorded, measured 0.10–0.11). The activation-noise arm is. The clean-accuracy gap is large and
 # reliable, but CLAIMS.md §6 measured the same gap with no patch at all (66.3 vs 45.4): at this scale it
-# is the generic large-LR effect, not the patch mechanism. One case takes about 12 min per seed on one
-# core (3 arms × 20 epochs).
+# is the generic large-LR effect, not the patch mechanism. The case takes 26 min on one core (3 arms ×
+# 20 epochs × 3 seeds); each control 4–5 min.
 SRC = "seeds 0–2, module comment: "
 SMALL_LEARNS_PATCH_EARLY = seed_median_max(
     "acc_patch_only", SMALL_ARM.name, above=0.2, steps=BEFORE, name="small_lr_learns_patch_before_annealing",
