@@ -11,6 +11,7 @@ import pandas as pd
 
 from harness.spec import Case, Property, Verdict
 
+XFAIL_MARK = "[expected to fail here: "  # in a verdict's detail: the property's documented non-reproduction
 VERDICT_COLUMNS = ["case", "claim", "property", "measured", "expected", "tolerance", "passed",
                    "negative", "ok", "source", "detail"]
 
@@ -243,7 +244,7 @@ def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:
         ok = (not v.passed) if case.negative else v.passed
         if case.negative and math.isnan(v.measured):
             ok = False  # an unmeasured property does not count as the intended failure
-        detail = v.detail + (f" [expected to fail here: {prop.xfail}]" if prop.xfail else "")
+        detail = v.detail + (f" {XFAIL_MARK}{prop.xfail}]" if prop.xfail else "")
         rows.append(dict(case=case.id, claim=case.claim, property=prop.name, measured=v.measured,
                          expected=v.expected, tolerance=v.tolerance, passed=v.passed,
                          negative=case.negative, ok=ok, source=prop.source, detail=detail))

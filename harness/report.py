@@ -21,6 +21,7 @@ from typing import Callable
 import pandas as pd
 
 from harness import baseline as bl
+from harness.checks import XFAIL_MARK
 from harness.store import RunDir, atomic_write_text
 
 STYLE = """
@@ -294,6 +295,13 @@ def _legend() -> str:
         "<p>The command exits 1 when any row is marked !, *, + or −.</p></details>")
 
 
+def _status_text(good: bool, detail) -> str:
+    if good:
+        return "as intended"
+    reason = str(detail).partition(XFAIL_MARK)[2].rstrip("]")
+    return f"NOT as intended: expected here (xfail: {reason})" if reason else "NOT as intended"
+
+
 def _truthy(x) -> bool:
     return str(x).strip().lower() in ("true", "1", "yes")
 
@@ -372,7 +380,7 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
             cells = (f"<td class='id'>{_e(r.case)}</td><td class='id'>{_e(r.property)}</td>"
                      f"<td class='num'>{_e(_fmt(r.measured))}</td><td class='expected'>{_e(r.expected)}</td>"
                      f"<td class='num'>{_e(_fmt(r.tolerance))}</td><td class='held'>{_e(held)}</td>"
-                     f"<td class='status'>{'as intended' if good else 'NOT as intended'}</td>")
+                     f"<td class='status'>{_e(_status_text(good, r.detail))}</td>")
             status_attr = ""
             if crow is not None:
                 status_attr = f" data-change='{_e(crow.status)}'"
