@@ -54,10 +54,9 @@ large-LR effect, not the memorization mechanism; only P1, P3 and P5 isolate the 
 """
 from __future__ import annotations
 
-from harness.checks import final_advantage
+from harness.checks import difference_above, final_advantage
 from harness.schedules import Constant, Piecewise
 from harness.spec import Arm, Case, Group
-from harness.two_pattern import difference_above
 
 CLAIM = "li-wei-ma-2019/learning-order-toy"
 D, WIDTH = 500, 200

@@ -116,17 +116,22 @@ def within_roundoff_floor(metric: str, bound: float, *, source: str, twin: str =
     return Property(f"{metric}_within_roundoff_floor", check, source)
 
 
+def _tail_means(results: pd.DataFrame, metric: str, arms: list[str], last: int) -> pd.DataFrame:
+    """Per seed (rows) and arm (columns): the mean of the last `last` values of `metric`."""
+    sel = results[(results.metric == metric) & results.arm.isin(arms)]
+    if sel.empty:
+        return pd.DataFrame()
+    return sel.sort_values("step").groupby(["seed", "arm"]).value.apply(lambda v: v.tail(last).mean()).unstack()
+
+
 def final_difference_below(metric: str, arm: str, tol: float, *, source: str, last: int = 3) -> Property:
     """|mean of the last `last` measurements of `metric`, arm − reference| (median over seeds) < tol:
     for statistical agreement where trajectories decorrelate (float32, eps > 0)."""
     def check(results: pd.DataFrame, case: Case) -> Verdict:
-        sel = results[results.metric == metric]
-        diffs = []
-        for _, grp in sel.groupby("seed"):
-            tails = {a: g.sort_values("step").value.tail(last).mean() for a, g in grp.groupby("arm")}
-            if arm in tails and case.reference in tails:
-                diffs.append(abs(tails[arm] - tails[case.reference]))
-        measured = float(pd.Series(diffs).median()) if diffs else math.nan
+        tails = _tail_means(results, metric, [arm, case.reference], last)
+        diffs = ((tails[arm] - tails[case.reference]).abs().dropna()
+                 if arm in tails and case.reference in tails else pd.Series(dtype=float))
+        measured = float(diffs.median()) if len(diffs) else math.nan
         return Verdict(measured, f"|{metric}[{arm}] − {metric}[{case.reference}]| (last {last}) < {tol:g}",
                        tol, bool(measured < tol), detail=f"{len(diffs)} seeds")
     return Property(f"final_{metric}_difference", check, source)
@@ -226,14 +231,46 @@ def final_advantage(metric: str, arm: str, *, over: str, above: float, source: s
     expected = f"median over seeds of {metric}[{arm}] − {metric}[{over}] (last {last}) > {above:g}"
 
     def check(results: pd.DataFrame, case: Case) -> Verdict:
-        sel = results[(results.metric == metric) & results.arm.isin([arm, over])]
-        tails = sel.sort_values("step").groupby(["seed", "arm"]).value.apply(lambda v: v.tail(last).mean()).unstack()
+        tails = _tail_means(results, metric, [arm, over], last)
         if tails.empty or arm not in tails or over not in tails:
             return Verdict(math.nan, expected, above, False, detail=f"needs {metric} rows for {arm!r} and {over!r}")
         gap = (tails[arm] - tails[over]).dropna()
         measured = float(gap.median())
         return Verdict(measured, expected, above, bool(measured > above), detail=_per_seed_text(gap))
     return Property(name or f"final_{metric}_advantage", check, source)
+
+
+def _per_seed_value(results: pd.DataFrame, arm: str | None, metric: str, step: int | None) -> pd.Series:
+    sel = results[results.metric == metric]
+    if arm is not None:
+        sel = sel[sel.arm == arm]
+    if step is not None:
+        sel = sel[sel.step == step]
+    return sel.sort_values("step").groupby("seed").value.last()
+
+
+def difference_above(a: tuple[str, str, int | None], b: tuple[str, str, int | None], above: float, *,
+                     source: str, name: str, aggregate: str = "median") -> Property:
+    """Per seed, value a − value b, where each is (arm, metric, step) (arm None: any arm, for
+    arm-independent rows such as linear_baseline's; step None: the last value); aggregated over seeds by
+    `aggregate` ('median' or 'min', the worst seed) and compared: > above."""
+    if aggregate not in ("median", "min"):
+        raise ValueError(f"aggregate must be 'median' or 'min', got {aggregate!r}")
+
+    def label(spec):
+        arm, metric, step = spec
+        return metric + (f"[{arm}]" if arm else "") + (f"@{step}" if step is not None else "")
+
+    expected = f"{aggregate} over seeds of {label(a)} − {label(b)} > {above:g}"
+
+    def check(results: pd.DataFrame, case: Case) -> Verdict:
+        diff = _per_seed_value(results, *a) - _per_seed_value(results, *b)  # NaN where a seed lacks either value
+        if diff.empty or diff.isna().any():
+            return Verdict(math.nan, expected, above, False,
+                           detail=f"missing or NaN rows for {label(a)} or {label(b)} (seeds {list(diff.index)})")
+        measured = float(diff.median() if aggregate == "median" else diff.min())
+        return Verdict(measured, expected, above, bool(measured > above), detail=_per_seed_text(diff))
+    return Property(name, check, source)
 
 
 def evaluate(case: Case, results: pd.DataFrame) -> pd.DataFrame:

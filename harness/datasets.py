@@ -104,10 +104,6 @@ def apply_crop_flip(x: torch.Tensor, params: dict) -> torch.Tensor:
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    return apply_crop_flip(x, crop_flip_params(len(x), gen, pad))
-
-
 def slice_draws(draws: dict | None, lo: int, hi: int) -> dict | None:
     """Examples lo..hi of an epoch plan's draws (nested dicts of per-example tensors)."""
     if draws is None:

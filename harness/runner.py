@@ -250,7 +250,7 @@ def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, o
     rows: list[tuple] = []
     n = len(source.train_x)
     for e in range(epochs):
-        order, aug = source.epoch_plan()
+        order, draws = source.epoch_plan()
         for name, arm in arms.items():
             b = arm.spec.batch_size(e) if arm.spec.batch_size else source.batch_size
             b = min(b, n) if smoke else b
@@ -259,7 +259,7 @@ def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, o
                                  f"but the training set has {n} examples")
             losses = []
             for lo in range(0, n - b + 1, b):
-                x, y = source.take(order[lo:lo + b], slice_draws(aug, lo, lo + b))
+                x, y = source.take(order[lo:lo + b], slice_draws(draws, lo, lo + b))
                 value = arm.step(e, x, y)
                 if not np.isfinite(value):
                     raise Diverged(case.id, name, seed, e + 1, value, rows)

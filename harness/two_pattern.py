@@ -1,6 +1,6 @@
 """The two-pattern toy of Li, Wei & Ma (NeurIPS 2019, arXiv 1907.04595), CLAIMS.md §6: a data
-source, a two-layer ReLU net, the linear-rule baseline on the memorizable pattern, and the check that
-compares two (arm, metric, step) values per seed.
+source, a two-layer ReLU net and the linear-rule baseline on the memorizable pattern (its check,
+`difference_above`, is in harness.checks).
 
 Distribution (our reconstruction). y = ±1 (labels 1/0 for the cross-entropy on logits [0, f(x)]);
 x = scale·(x1, x2) ∈ R^{2d}. Example types, in exact proportions per set: `frac_x1` only x1 (x2 = 0),
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import torch
 from torch import nn
 
 from harness.datasets import TensorSource
-from harness.spec import Case, Property, Verdict
 
 BOTH, X1_ONLY, X2_ONLY = 0, 1, 2
 TYPE_NAMES = {BOTH: "both", X1_ONLY: "x1_only", X2_ONLY: "x2_only"}
@@ -206,39 +204,3 @@ def linear_baseline(ctx) -> list[tuple[str, str, float]]:
     return [(ctx.reference, "linear_train_acc_x2_only", rule_accuracy(xtr, ytr, u, t)),
             (ctx.reference, "linear_acc_x2_only", rule_accuracy(xte, yte, u, t)),
             (ctx.reference, "logreg_acc_x2_only", rule_accuracy(xte, yte, w, -b))]
-
-
-# ---- check ------------------------------------------------------------------------------------------
-
-def _per_seed(results: pd.DataFrame, arm: str | None, metric: str, step: int | None) -> pd.Series:
-    sel = results[results.metric == metric]
-    if arm is not None:
-        sel = sel[sel.arm == arm]
-    if step is not None:
-        sel = sel[sel.step == step]
-    return sel.sort_values("step").groupby("seed").value.last()
-
-
-def difference_above(a: tuple[str, str, int | None], b: tuple[str, str, int | None], above: float, *,
-                     source: str, name: str, aggregate: str = "median") -> Property:
-    """Per seed, value a − value b, where each is (arm, metric, step) (arm None: any arm, for
-    arm-independent rows such as linear_baseline's; step None: the last value); aggregated over seeds by
-    `aggregate` ('median' or 'min', the worst seed) and compared: > above."""
-    if aggregate not in ("median", "min"):
-        raise ValueError(f"aggregate must be 'median' or 'min', got {aggregate!r}")
-
-    def label(spec):
-        arm, metric, step = spec
-        return metric + (f"[{arm}]" if arm else "") + (f"@{step}" if step is not None else "")
-
-    expected = f"{aggregate} over seeds of {label(a)} − {label(b)} > {above:g}"
-
-    def check(results: pd.DataFrame, case: Case) -> Verdict:
-        diff = _per_seed(results, *a) - _per_seed(results, *b)  # NaN where a seed lacks either value
-        if diff.empty or diff.isna().any():
-            return Verdict(math.nan, expected, above, False,
-                           detail=f"missing or NaN rows for {label(a)} or {label(b)} (seeds {list(diff.index)})")
-        measured = float(diff.median() if aggregate == "median" else diff.min())
-        per_seed = ", ".join(f"seed {s}: {v:.3f}" for s, v in diff.items())
-        return Verdict(measured, expected, above, bool(measured > above), detail=per_seed)
-    return Property(name, check, source)

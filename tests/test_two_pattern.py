@@ -10,8 +10,8 @@ import torch
 from harness import registry
 from harness.runner import RunEnv, run_case
 from harness.session import execute
-from harness.two_pattern import (X1_ONLY, X2_ONLY, TwoLayerReLU, best_linear_rule, difference_above,
-                                 linear_baseline, two_pattern)
+from harness.checks import difference_above
+from harness.two_pattern import X1_ONLY, X2_ONLY, TwoLayerReLU, best_linear_rule, linear_baseline, two_pattern
 
 D = 500
 
