@@ -324,6 +324,29 @@ def init_process_group(device_kind: str, **kwargs) -> None:
     _STATE["group"] = dist.new_group(backend=dist.get_backend())
 
 
+def shutdown(*, synchronize: bool = True) -> None:
+    """Leave the job; every rank calls it. `synchronize=False` after an error: a rank that failed
+    mid-run must not wait in a barrier its peers (blocked in a training collective) never reach.
+
+    The barrier keeps a rank from tearing down its transport while a peer is still inside a
+    collective. Dropping our own reference to the statistics group, and collecting, frees every
+    process group (and any finished gloo work still holding tensors) while the interpreter is
+    whole: a group that survives into interpreter finalization can have a gloo worker thread
+    release a tensor then, which aborts the process ("terminate called without an active
+    exception", SIGABRT; seen about once in 30-100 spawned two-rank runs before this)."""
+    import gc
+
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        _STATE["group"] = None
+        return
+    if synchronize:
+        dist.barrier()
+    _STATE["group"] = None
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def main(argv: list[str] | None = None) -> int:
     from harness import registry
     from harness.optim import DEFAULT_OPTIMIZER
@@ -367,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "cuda":
             env = RunEnv(device=f"cuda:{torch.cuda.current_device()}", optimizer=env.optimizer,
                          dtype=env.dtype, smoke=env.smoke, seeds=env.seeds)
+    finished = False
     try:
         run(case, steps=args.steps, env=env, bn=args.bn, out=Path(args.out),
             command=["python", "-m", "harness.distributed", *(argv if argv is not None else sys.argv[1:])])
+        finished = True
     except (ValueError, Unsupported) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -378,9 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if distributed:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-            _STATE["group"] = None
+            shutdown(synchronize=finished)
     return 0
 
 

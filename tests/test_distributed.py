@@ -117,14 +117,15 @@ def _scenarios():
 
 
 def _spawned_rank(rank: int, tmp: str, world: int) -> None:
-    import torch.distributed as dist
     torch.set_num_threads(1)
     D.init_process_group("cpu", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    finished = False
     try:
         for name, (case, bn) in _scenarios().items():
             D.run(case, env=ENV, bn=bn, out=Path(tmp) / name)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        D.shutdown(synchronize=finished)
 
 
 def test_spawned_ranks_ghost_bn_exact_and_local_bn_differs(single, tmp_path):
