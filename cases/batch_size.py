@@ -166,8 +166,10 @@ CASES.append(Case(
     data=("cifar10", {"batch_size": 128, "augment": True}), arms=GPU_ARMS, steps=GPU_EPOCHS, smoke_steps=1,
     seeds=(0,), measurements=MEASUREMENTS, reference_arm="original",
     properties=tuple(p for a in GPU_ARMS[1:] for p in (
-        max_difference_below("epoch_loss", a.name, 0.05, steps=(GPU_MILESTONES[0] + 1, None), source=GPU_PROVISIONAL),
-        final_difference_below("test_acc", a.name, 0.01, last=3, source=GPU_PROVISIONAL),
-        updates_follow_schedule(a.name, 50_000, source="exact: Σ_e ⌊N/B(e)⌋"))),
+        max_difference_below("epoch_loss", a.name, 0.05, steps=(GPU_MILESTONES[0] + 1, None), source=GPU_PROVISIONAL,
+                             name=f"epoch_loss_{a.name}"),
+        final_difference_below("test_acc", a.name, 0.01, last=3, source=GPU_PROVISIONAL,
+                               name=f"final_test_acc_{a.name}"),
+        updates_follow_schedule(a.name, 50_000, source="exact: Σ_e ⌊N/B(e)⌋", name=f"updates_{a.name}"))),
     description="the paper's four CIFAR-10 schedules at 50 epochs; about 14 min on one H100 in strict float32, 4 with TF32 "
                 "(harness.device.estimated_minutes)"))

@@ -120,8 +120,8 @@ def equal_equilibrium(other: str) -> tuple:
 CASES += [
     smd_case("ilr-equal-lambda-e-same-equilibrium", LAM_E_ARMS, ILR_STEPS,
              equal_equilibrium("different") + equal_equilibrium("history")
-             + (final_difference_below("loss", "different", 0.05, last=10, source=TOL_ILR),
-                final_difference_below("loss", "history", 0.05, last=10, source=TOL_ILR)),
+             + tuple(final_difference_below("loss", other, 0.05, last=10, source=TOL_ILR, name=f"final_loss_{other}")
+                     for other in ("different", "history")),
              claim=CLAIM_ILR, description="equal λ_e from different (η, λ), initial norms and LR history"),
     smd_case("ilr-neg-ten-times-lambda-e", (arm("base", ETA, LAM, GAMMA),
                                             arm("tenfold", ETA, 10 * LAM, GAMMA, other=NON_SI)),

@@ -4,7 +4,14 @@ A baseline (`baselines/<profile>.csv`) holds one row per (case, property): the m
 spread (= max − min) and n of the property's measured value over n runs with different seeds, the
 tolerance, the verdict (`passed`, `ok`), and where it was measured (torch version, device class,
 optimizer, seeds). `python -m harness baseline update RUN_DIR [RUN_DIR ...]` writes it; the CPU
-baseline is made from three runs of the CPU profile with `--seeds 0`, `--seeds 1` and `--seeds 2`.
+baseline is made from one run of the CPU profile with the cases' own seeds.
+
+Where a run holds several seeds of a case, every property is also re-evaluated on each seed alone
+(the case's own check on that seed's rows of results.csv), and those values join the run's value.
+So one normal run yields the seed spread, while the verdict (`passed`, `ok`) stays the one of the
+full run: a property gated on a median or on every seed can legitimately fail on one seed alone,
+which is why single-seed runs (`--seeds 0`, `--seeds 1`, ...) cannot make a baseline for it. Those
+still work for the other cases; a single-seed case then gets n = 1 per run.
 
 The band (what "unchanged" means), for a value v against a baseline row (median m, min, max, n):
 
@@ -142,10 +149,10 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
     """Baseline rows from several run directories (one value per run per case and property)."""
     if not run_dirs:
         raise BaselineError("baseline update needs at least one RUN_DIR")
-    frames, metas = [], []
+    frames, metas, per_seed = [], [], []
     for run_dir in run_dirs:
         try:
-            _, verdicts, meta = RunDir(run_dir).read()
+            results, verdicts, meta = RunDir(run_dir).read()
         except FileNotFoundError as exc:
             raise BaselineError(str(exc)) from None
         except (pd.errors.ParserError, pd.errors.EmptyDataError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -156,6 +163,7 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
             raise BaselineError(f"{run_dir}: no verdicts to make a baseline from")
         frames.append(verdicts.assign(_run=len(frames)))
         metas.append(meta)
+        per_seed.append(_per_seed_values(results))
     for key, label in (("profile", "profile"), ("optimizer", "optimizer")):
         values = {m.get(key) for m in metas}
         if len(values) > 1:
@@ -172,6 +180,7 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
               "(run with --seeds 0, --seeds 1, --seeds 2)", file=sys.stderr)
     allv = pd.concat(frames, ignore_index=True)
     allv["measured"] = pd.to_numeric(allv["measured"], errors="coerce")
+    per_seed = pd.concat(per_seed, ignore_index=True)
     rows = []
     meta0 = metas[0]
     for (case, prop), grp in allv.groupby(["case", "property"], sort=False):
@@ -180,7 +189,9 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
             if values.nunique() > 1:
                 raise BaselineError(f"{case}/{prop}: {col} is {values.sum()} of {len(values)} runs True; "
                                     f"a baseline needs a verdict that is stable across seeds")
-        finite = grp.measured[np.isfinite(grp.measured)]
+        measured = pd.to_numeric(pd.concat(
+            [grp.measured, per_seed.measured[(per_seed.case == case) & (per_seed.property == prop)]]))
+        finite = measured[np.isfinite(measured)]
         seeds = sorted({s for m in metas for s in (m.get("seeds") or {}).get(case, [])})
         last = grp.iloc[-1]
         rows.append(dict(
@@ -195,6 +206,33 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
             optimizer=meta0.get("optimizer"), seeds=";".join(map(str, seeds)),
             created=max(str(m.get("created")) for m in metas), git_commit=meta0.get("git_commit")))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _per_seed_values(results: pd.DataFrame) -> pd.DataFrame:
+    """(case, property, measured) of every property re-evaluated on each seed of a multi-seed case
+    alone. A case no longer registered, or whose check cannot judge one seed (it raises), or whose
+    properties changed since the run, contributes nothing: its run value still counts."""
+    from harness import registry
+    from harness.checks import evaluate
+
+    cases = registry.all_cases()
+    out = []
+    for case_id, rows in results.groupby("case", sort=False):
+        seeds = rows.seed.unique()
+        if len(seeds) < 2 or case_id not in cases:
+            continue
+        case = cases[case_id]
+        try:
+            parts = [evaluate(case, rows[rows.seed == s]) for s in seeds]
+        except (ValueError, KeyError, IndexError, ZeroDivisionError):
+            continue
+        names = {p.name for p in case.properties}
+        out.extend(p[["case", "property", "measured"]] for p in parts if set(p.property) == names)
+    if not out:
+        return pd.DataFrame({"case": [], "property": [], "measured": []}).astype({"measured": float})
+    frame = pd.concat(out, ignore_index=True)
+    frame["measured"] = pd.to_numeric(frame["measured"], errors="coerce")
+    return frame
 
 
 def update(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, pd.DataFrame]:

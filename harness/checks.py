@@ -124,7 +124,8 @@ def _tail_means(results: pd.DataFrame, metric: str, arms: list[str], last: int) 
     return sel.sort_values("step").groupby(["seed", "arm"]).value.apply(lambda v: v.tail(last).mean()).unstack()
 
 
-def final_difference_below(metric: str, arm: str, tol: float, *, source: str, last: int = 3) -> Property:
+def final_difference_below(metric: str, arm: str, tol: float, *, source: str, last: int = 3,
+                           name: str | None = None) -> Property:
     """|mean of the last `last` measurements of `metric`, arm − reference| (median over seeds) < tol:
     for statistical agreement where trajectories decorrelate (float32, eps > 0)."""
     def check(results: pd.DataFrame, case: Case) -> Verdict:
@@ -134,11 +135,11 @@ def final_difference_below(metric: str, arm: str, tol: float, *, source: str, la
         measured = float(diffs.median()) if len(diffs) else math.nan
         return Verdict(measured, f"|{metric}[{arm}] − {metric}[{case.reference}]| (last {last}) < {tol:g}",
                        tol, bool(measured < tol), detail=f"{len(diffs)} seeds")
-    return Property(f"final_{metric}_difference", check, source)
+    return Property(name or f"final_{metric}_difference", check, source)
 
 
 def max_difference_below(metric: str, arm: str, tol: float, *, source: str,
-                         steps: tuple[int, int | None] = (1, None)) -> Property:
+                         steps: tuple[int, int | None] = (1, None), name: str | None = None) -> Property:
     """max over evaluations in `steps` of |metric[arm] − metric[reference]| at the same step (median
     over seeds) < tol: curves that track each other, e.g. test accuracy per epoch."""
     expected = f"max |{metric}[{arm}] − {metric}[{{ref}}]| < {tol:g}"
@@ -154,10 +155,10 @@ def max_difference_below(metric: str, arm: str, tol: float, *, source: str,
         return Verdict(measured, expected.format(ref=case.reference), tol, bool(measured < tol),
                        detail=f"{len(table)} evaluations, steps {steps[0]}..{steps[1] or 'end'}, "
                               f"per seed {', '.join(f'{v:.3g}' for v in per_seed)}")
-    return Property(f"max_{metric}_difference", check, source)
+    return Property(name or f"max_{metric}_difference", check, source)
 
 
-def updates_follow_schedule(arm: str, n_train: int, *, source: str) -> Property:
+def updates_follow_schedule(arm: str, n_train: int, *, source: str, name: str | None = None) -> Property:
     """An epoch-unit arm made exactly Σ_e ⌊N/B(e)⌋ parameter updates (its batch-size schedule over
     the epochs run, N training examples), every seed: fewer updates is the batch-size claim's payoff,
     and a count that differs means the batch schedule was not what ran."""
@@ -180,7 +181,7 @@ def updates_follow_schedule(arm: str, n_train: int, *, source: str) -> Property:
             ratio = f"; {float((ours / ref).median()):.3f} of {case.reference}'s updates"
         return Verdict(measured, f"|updates − {predicted}| = 0", 0.0, bool(measured == 0),
                        detail=f"{int(ours.median())} updates in {epochs} epochs{ratio}")
-    return Property("updates_follow_schedule", check, source)
+    return Property(name or "updates_follow_schedule", check, source)
 
 
 def _per_seed_max(results: pd.DataFrame, metric: str, arm: str, steps: tuple[int, int | None]) -> pd.Series:

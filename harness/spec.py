@@ -218,4 +218,9 @@ def validate(case: Any) -> Case:
         raise bad("properties", "a negative control's properties must all fail: drop the one marked xfail")
     if not all(p.source for p in case.properties):
         raise bad("properties", "every property states where its tolerance came from (source)")
+    prop_names = [p.name for p in case.properties]
+    if len(set(prop_names)) < len(prop_names):
+        twice = sorted({n for n in prop_names if prop_names.count(n) > 1})
+        raise bad("properties", f"property names must be unique (verdicts and baselines are keyed by "
+                                f"case and property), {', '.join(twice)} appear(s) twice: pass name=")
     return case

@@ -42,6 +42,9 @@ def test_bad_group_and_missing_source_are_rejected():
         validate(dataclasses.replace(GOOD, arms=(Arm("wd", Group(Constant(0.1), initial_buffer=True)),)))
     with pytest.raises(CaseError, match="source"):
         validate(dataclasses.replace(GOOD, properties=(max_below("train_gap", 1e-9, source=""),)))
+    twice = (max_below("train_gap", 1e-9, source="s"), max_below("train_gap", 1e-6, source="s"))
+    with pytest.raises(CaseError, match="max_train_gap appear"):  # verdicts are keyed by (case, property)
+        validate(dataclasses.replace(GOOD, properties=twice))
 
 
 def test_registry_collects_validated_unique_cases(tmp_path, monkeypatch):

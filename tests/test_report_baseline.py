@@ -407,3 +407,26 @@ def test_pytest_report_fails_the_session_on_a_regression(tmp_path):
 def test_pytest_report_option_rejects_a_non_html_path():
     proc = inner_pytest("--co", "--report", "tests/test_cases.py", timeout=120)
     assert proc.returncode == 4 and "--report takes an .html path" in proc.stderr
+
+
+def test_baseline_from_one_multi_seed_run_takes_the_spread_from_each_seed(capsys, tmp_path):
+    """One normal run gives the seed spread: each seed re-judged alone joins the run's value, and the
+    verdict stays the full run's. The case gates every seed (max update norm > 1e-3), so its run value
+    is the smallest seed's."""
+    case = "toy-bn-wd-never-converges"
+    run = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "run", case, "--out", run)
+    assert rc == EXIT_OK, err
+    results, verdicts, _ = store.RunDir(run).read()
+    spec = registry.all_cases()[case]
+    per_seed = pd.Series([spec.properties[0].check(results[results.seed == s], spec).measured for s in (0, 1, 2)])
+    assert per_seed.nunique() == 3
+    rc, out, err = run_cli(capsys, "baseline", "update", run, "--out", tmp_path / "b.csv")
+    assert rc == EXIT_OK, err
+    row = bl.read(tmp_path / "b.csv").set_index("case").loc[case]
+    assert row["n"] == 4  # the run's value and its three seeds
+    assert row["min"] == pytest.approx(per_seed.min()) and row["max"] == pytest.approx(per_seed.max())
+    assert float(verdicts.measured.iloc[0]) == pytest.approx(per_seed.min())
+    assert bool(row["passed"]) and bool(row["ok"]) and row["seeds"] == "0;1;2"
+    rc, out, err = run_cli(capsys, "report", run, "--baseline", tmp_path / "b.csv", "--html", tmp_path / "r.html")
+    assert rc == EXIT_OK and "1 unchanged" in out, out + err
