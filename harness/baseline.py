@@ -20,9 +20,9 @@ The band (what "unchanged" means), for a value v against a baseline row (median 
   values that can be 0 or negative).
 * Half-width w = K · max(s, floor), K = 2, with s the spread on that scale (log10(max/min) in
   decades, or max − min) and floor = 0.25 decade on the log scale (so w ≥ 0.5 decade, ×3.2) or
-  10% of |t − m| on the linear scale. Band = [m − w, m + w] on that scale. With runs made from
-  different seeds, a run with the cases' own seeds lands inside [min, max] for the max/min/median
-  aggregations the checks use, so it lies inside the band by construction.
+  10% of |t − m| on the linear scale. Band = [m − w, m + w] on that scale. A run with the cases'
+  own seeds lands inside [min, max] of its seeds judged alone, for the max/min/median aggregations
+  the checks use, so it lies inside the band by construction.
 * Safe margin. When v and m are both on the intended side of t by at least 100× (2 decades;
   v ≤ t/100 for an upper bound, 0 included), the value is `unchanged` whatever it did: roundoff-level gaps (1e-16…1e-12) jump by orders between BLAS
   builds, thread counts and CPUs, and mean nothing while they stay that far from the bound.

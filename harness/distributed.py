@@ -5,10 +5,12 @@ processes, with DistributedDataParallel (gloo on the CPU, nccl on CUDA).
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
         -m harness.distributed --case CASE --out DIR
 
-Every rank builds the case exactly as harness.runner.run_seed does (same seed streams, same
-initial weights, same batch sequence: each rank draws the whole global batch, augmentation
-included, and keeps its contiguous shard, rank r of W taking rows [r·B/W, (r+1)·B/W)). Each arm's
-model is wrapped in DDP, so the arms still step in lock-step. Rank 0 runs the case's measurements
+Every rank runs harness.runner.run_seed itself, with the DataParallel execution hooks: the same
+seed streams, initial weights and batch sequence (each rank draws the whole global batch,
+augmentation included, and keeps its contiguous shard, rank r of W taking rows [r·B/W, (r+1)·B/W)),
+and the same training loops, so step- and epoch-unit cases, batch multipliers, batch-size
+schedules and activation noise all run data-parallel. Each arm's model is wrapped in DDP, so the
+arms still step in lock-step. Rank 0 runs the case's measurements
 and writes a run directory: results.csv and verdicts.csv as `python -m harness run` writes them
 (verdicts only when the full case ran), metadata.json, and the final weights of every arm as
 weights-<arm>-seed<seed>.npz (numpy, no pickle).
@@ -38,7 +40,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -200,74 +201,79 @@ def _gather_batch(t: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class DataParallel:
+    """harness.runner's execution hooks for one rank of a data-parallel run (see the module
+    docstring): the shared initial model gets global batch statistics, each arm's model is wrapped
+    in DDP, every update takes this rank's shard of the global batch, and rank 0 records the
+    measurements. With a single process every hook is the runner's own."""
+
+    def __init__(self, bn: str = "global"):
+        from harness.runner import SingleProcess
+        if bn not in ("global", "local"):
+            raise ValueError(f"bn must be 'global' or 'local', got {bn!r}")
+        self.bn, self.single = bn, SingleProcess()
+        self.rank, self.size = world()
+        self.case_id, self.device = "", torch.device("cpu")
+        self.wrapped: dict[str, nn.Module] = {}
+        self.states: dict[str, dict[str, torch.Tensor]] = {}
+        self._shards_checked: set[int] = set()
+
+    def prepare(self, case, model0: nn.Module, source) -> None:
+        self.case_id, self.device = case.id, source.train_x.device
+        if self.size > 1:
+            self._check_batch(model0, source.batch_size)
+            if self.bn == "global":
+                use_global_batch_stats(model0)
+
+    def _check_batch(self, model: nn.Module, b: int) -> None:
+        if b % self.size:
+            raise ValueError(f"case {self.case_id}: batch size {b} is not a multiple of the {self.size} processes")
+        if b not in self._shards_checked:
+            check_ghost_shards(model, b // self.size)
+            self._shards_checked.add(b)
+
+    def attach(self, arms: dict) -> None:
+        if self.size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = {name: DDP(arm.model, device_ids=ids) for name, arm in arms.items()}
+
+    def step(self, arm, k: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        if self.size == 1:
+            return self.single.step(arm, k, x, y)
+        b = len(y)
+        self._check_batch(arm.model, b)  # epoch-unit arms change their batch size
+        raw, arm.model = arm.model, self.wrapped[arm.spec.name]  # ArmState.step calls self.model(x)
+        try:
+            arm.step(k, shard(x, self.rank, self.size), shard(y, self.rank, self.size))
+        finally:
+            arm.model = raw
+        arm.last_loss = value = _global_mean(arm.last_loss, self.device, self.size)
+        arm.last_output = _gather_batch(arm.last_output, self.size)  # batch_gap on the global batch
+        arm.batch_size = b
+        return value
+
+    def observe(self, measure) -> list[tuple]:
+        if self.rank != 0:
+            return []
+        with local_statistics():
+            return measure()
+
+    def finish(self, arms: dict) -> None:
+        self.states = {name: {k: v.detach().cpu() for k, v in arm.model.state_dict().items()}
+                       for name, arm in arms.items()}
+        self.wrapped = {}
+
+
 def run_seed(case, seed: int, *, steps: int, env, bn: str = "global") -> tuple[list[tuple], dict]:
-    """One seed of `case` for `steps` updates on this rank. Returns (tidy rows, final state dicts per
-    arm); the rows are complete on rank 0 only (the other ranks return none)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    """One seed of `case` for `steps` updates (or epochs) on this rank. Returns (tidy rows, final
+    state dicts per arm); the rows are complete on rank 0 only (the other ranks return none)."""
+    import dataclasses
 
-    from harness import measurements, runner
-    from harness.datasets import build_source
-    from harness.device import conformance_mode
-    from harness.models import build_model
-    from harness.optim import load_factory
-
-    if bn not in ("global", "local"):
-        raise ValueError(f"bn must be 'global' or 'local', got {bn!r}")
-    rank, size = world()
-    dtype = getattr(torch, env.dtype_for(case))
-    device = torch.device(env.device_for(case))
-    streams = runner.seed_streams(seed)
-    gens = {k: runner._generator(v) for k, v in streams.items()}
-    if device.type == "cuda":
-        conformance_mode(device)
-    source = build_source(case.data[0], dict(case.data[1]), gen=gens["data"], aug_gen=gens["aug"],
-                          dtype=dtype, device=device, smoke=env.smoke)
-    model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],
-                         dtype=dtype, device=device)
-    if size > 1:
-        if source.batch_size % size:
-            raise ValueError(f"case {case.id}: batch size {source.batch_size} is not a multiple of the "
-                             f"{size} processes")
-        check_ghost_shards(model0, source.batch_size // size)
-        if bn == "global":
-            use_global_batch_stats(model0)
-    factory = load_factory(env.optimizer)
-    arms = {a.name: runner.ArmState(a, runner.arm_model(model0, a, gens["init_noise"]), factory,
-                                    env.optimizer, case.requires) for a in case.arms}
-    wrapped = {}
-    if size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        wrapped = {name: DDP(arm.model, device_ids=ids) for name, arm in arms.items()}
-    probe = source.probe(min(runner.PROBE_SIZE, len(source.train_x)), gens["probe"])
-    observers = [measurements.resolve(m) for m in case.measurements]
-    ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0, state={})
-
-    rows: list[tuple] = []
-    for k in range(steps):
-        x, y = source.next_batch()
-        if size > 1:
-            x, y = shard(x, rank, size), shard(y, rank, size)
-        for name, arm in arms.items():
-            if size > 1:
-                raw, arm.model = arm.model, wrapped[name]  # ArmState.step calls self.model(x)
-                try:
-                    value = arm.step(k, x, y)
-                finally:
-                    arm.model = raw
-                arm.last_loss = value = _global_mean(value, device, size)
-                arm.last_output = _gather_batch(arm.last_output, size)  # batch_gap on the global batch
-            else:
-                value = arm.step(k, x, y)
-            if not np.isfinite(value):
-                raise runner.Diverged(case.id, name, seed, k + 1, value, rows)
-        ctx.t = k + 1
-        if rank == 0:
-            with local_statistics():
-                for metric_name, observe, every in observers:
-                    if ctx.t % every == 0 or ctx.t == steps:
-                        rows.extend((case.id, a, seed, ctx.t, metric, v) for a, metric, v in observe(ctx))
-    states = {name: {k: v.detach().cpu() for k, v in arm.model.state_dict().items()} for name, arm in arms.items()}
-    return rows, states
+    from harness import runner
+    execution = DataParallel(bn)
+    rows = runner.run_seed(dataclasses.replace(case, steps=steps, smoke_steps=steps), seed, env, execution)
+    return rows, execution.states
 
 
 def run(case, *, steps: int | None = None, env=None, bn: str = "global", out: Path | None = None,

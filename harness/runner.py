@@ -189,7 +189,34 @@ def arm_model(model0: nn.Module, arm: Arm, gen: torch.Generator) -> nn.Module:
     return model
 
 
-def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
+class SingleProcess:
+    """How run_seed executes: everything in this process. harness.distributed.DataParallel splits
+    every batch over processes instead. The training loops reach the arms only through these hooks,
+    so a data-parallel run executes the same case code (step or epoch unit, batch multipliers,
+    activation noise) as a single-process one."""
+
+    def prepare(self, case: Case, model0: nn.Module, source) -> None:
+        """Adapt the shared initial model before the arms copy it."""
+
+    def attach(self, arms: dict) -> None:
+        """The arms exist (models built, optimizers made)."""
+
+    def step(self, arm: "ArmState", k: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One update of `arm` on the global batch (x, y); returns the batch's mean loss."""
+        return arm.step(k, x, y)
+
+    def observe(self, measure) -> list[tuple]:
+        """The rows of the due measurements (`measure()`), on the process that records them."""
+        return measure()
+
+    def finish(self, arms: dict) -> None:
+        """After the last update."""
+
+
+SINGLE = SingleProcess()
+
+
+def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SINGLE) -> list[tuple]:
     dtype = getattr(torch, env.dtype_for(case))
     device = torch.device(env.device_for(case))
     steps = env.steps_for(case)
@@ -203,18 +230,23 @@ def run_seed(case: Case, seed: int, env: RunEnv) -> list[tuple]:
                           dtype=dtype, device=device, smoke=env.smoke)
     model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],
                          dtype=dtype, device=device)
+    execution.prepare(case, model0, source)
     factory = load_factory(env.optimizer)
     arms = {a.name: ArmState(a, arm_model(model0, a, gens["init_noise"]), factory,
                              env.optimizer, case.requires, noise_seed=streams["act_noise"])
             for a in case.arms}
+    execution.attach(arms)
     probe = source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"])
     observers = [measurements.resolve(m) for m in case.measurements]
     ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0,
                           state={})  # `state`: observers' memory between calls
 
     if case.unit == "epoch":
-        return _train_epochs(case, seed, steps, source, arms, ctx, observers, smoke=env.smoke)
-    return _train_steps(case, seed, steps, source, arms, ctx, observers)
+        rows = _train_epochs(case, seed, steps, source, arms, ctx, observers, execution, smoke=env.smoke)
+    else:
+        rows = _train_steps(case, seed, steps, source, arms, ctx, observers, execution)
+    execution.finish(arms)
+    return rows
 
 
 def _observe(case: Case, seed: int, ctx, observers, last: int) -> list[tuple]:
@@ -223,7 +255,8 @@ def _observe(case: Case, seed: int, ctx, observers, last: int) -> list[tuple]:
             for arm, metric, value in observe(ctx)]
 
 
-def _train_steps(case: Case, seed: int, steps: int, source, arms: dict, ctx, observers) -> list[tuple]:
+def _train_steps(case: Case, seed: int, steps: int, source, arms: dict, ctx, observers,
+                 execution: SingleProcess) -> list[tuple]:
     rows: list[tuple] = []
     # Arms with batch_multiplier m train on the first m base batches of the step's draw, so every
     # arm still sees the same examples in the same order (linear-scaling comparisons).
@@ -234,16 +267,16 @@ def _train_steps(case: Case, seed: int, steps: int, source, arms: dict, ctx, obs
                 (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
         for name, arm in arms.items():
             n = arm.spec.batch_multiplier * len(batches[0][1])
-            value = arm.step(k, x[:n], y[:n])
+            value = execution.step(arm, k, x[:n], y[:n])
             if not np.isfinite(value):
                 raise Diverged(case.id, name, seed, k + 1, value, rows)
         ctx.t = k + 1
-        rows.extend(_observe(case, seed, ctx, observers, steps))
+        rows.extend(execution.observe(lambda: _observe(case, seed, ctx, observers, steps)))
     return rows
 
 
-def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, observers, *,
-                  smoke: bool = False) -> list[tuple]:
+def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, observers,
+                  execution: SingleProcess, *, smoke: bool = False) -> list[tuple]:
     """Every arm walks the epoch's shared example order in batches of its own size (the last
     partial batch dropped); `step` in the rows counts epochs. A smoke run's tiny training set caps
     the batch size at its size."""
@@ -260,13 +293,13 @@ def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, o
             losses = []
             for lo in range(0, n - b + 1, b):
                 x, y = source.take(order[lo:lo + b], slice_draws(draws, lo, lo + b))
-                value = arm.step(e, x, y)
+                value = execution.step(arm, e, x, y)
                 if not np.isfinite(value):
                     raise Diverged(case.id, name, seed, e + 1, value, rows)
                 losses.append(value)
             arm.epoch_loss = float(np.mean(losses))
         ctx.t = e + 1
-        rows.extend(_observe(case, seed, ctx, observers, epochs))
+        rows.extend(execution.observe(lambda: _observe(case, seed, ctx, observers, epochs)))
     return rows
 
 

@@ -45,6 +45,26 @@ def _ghost_case():
         "preresnet_cifar", {"depth": 8, "classes": 5, "eps": 1e-30, "ghost_batch": 4, "norm_affine": True}))
 
 
+def _epoch_case():
+    """Epoch unit: two arms walk the same epoch order in batches of their own size (16, then 32 from
+    epoch 1; 8 throughout), with activation noise on one (ξ is one map shared by the batch, so every
+    rank draws the single process's ξ) and ghost batches of 4 (each shard holds whole ones)."""
+    from harness.batch_schedules import BatchSize
+    from harness.checks import updates_follow_schedule
+    from harness.schedules import Constant
+    from harness.spec import Arm, Case, Group, validate
+    g = Group(Constant(0.05), 5e-4, 0.9)
+    arms = (Arm("grow", g, g, batch_size=BatchSize((0, 1), (16, 32)), act_noise=Constant(0.3)),
+            Arm("fixed", g, g, batch_size=BatchSize((0,), (8,))))
+    return validate(Case(
+        id="ddp-epoch-unit", claim="test", profile="cpu", unit="epoch", steps=3, smoke_steps=1, seeds=(0,),
+        model=("norm_cnn", {"in_ch": 3, "widths": (8, 16), "classes": 5, "eps": 1e-5, "ghost_batch": 4,
+                            "act_noise": True}),
+        data=("gaussian_mixture", {"n": 96, "shape": (3, 8, 8), "classes": 5, "batch_size": 16}),
+        arms=arms, measurements=("epoch_loss", "schedule", "si_norm", "batch_gap"), reference_arm="fixed",
+        properties=(updates_follow_schedule("grow", 96, source="exact"),)))
+
+
 ENV = RunEnv(seeds=(0,))
 
 
@@ -54,7 +74,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def single(one_torch_thread):
     """The single-process reference runs."""
-    return {"bn": D.run(_case(), env=ENV), "ghost": D.run(_ghost_case(), env=ENV)}
+    return {"bn": D.run(_case(), env=ENV), "ghost": D.run(_ghost_case(), env=ENV),
+            "epoch": D.run(_epoch_case(), env=ENV)}
 
 
 def _compare_rows(ref: pd.DataFrame, got: pd.DataFrame) -> dict[str, float]:
@@ -113,7 +134,7 @@ def test_torchrun_two_gloo_ranks_equal_single_process(single, tmp_path):
 # ---- two ranks by torch.multiprocessing (file:// rendezvous): ghost BN, and the negative control ----
 
 def _scenarios():
-    return {"ghost": (_ghost_case(), "global"), "local-bn": (_case(), "local")}
+    return {"ghost": (_ghost_case(), "global"), "local-bn": (_case(), "local"), "epoch": (_epoch_case(), "global")}
 
 
 def _spawned_rank(rank: int, tmp: str, world: int) -> None:
@@ -142,6 +163,15 @@ def test_spawned_ranks_ghost_bn_exact_and_local_bn_differs(single, tmp_path):
     worst = _compare_rows(rows, pd.read_csv(tmp_path / "ghost" / "results.csv"))
     assert max(worst.values()) < TOL, worst
     assert _compare_weights(tmp_path / "ghost", states) < TOL
+    # Epoch unit: per-arm batch-size schedules, activation noise; every update counted once.
+    rows, states = single["epoch"]
+    got = pd.read_csv(tmp_path / "epoch" / "results.csv")
+    worst = _compare_rows(rows, got)
+    assert max(worst.values()) < TOL, worst
+    assert _compare_weights(tmp_path / "epoch", states) < TOL
+    sizes = got[got.metric == "batch_size"].pivot_table(index="step", columns="arm", values="value")
+    assert sizes["grow"].tolist() == [16, 32, 32] and sizes["fixed"].tolist() == [8, 8, 8]  # global, not per rank
+    assert pd.read_csv(tmp_path / "epoch" / "verdicts.csv").ok.all()  # 6 + 3 + 3 updates, exactly
     # Negative control: per-rank BN statistics over 8 examples instead of 16 is another function.
     rows, states = single["bn"]
     worst = _compare_rows(rows, pd.read_csv(tmp_path / "local-bn" / "results.csv"))
