@@ -220,10 +220,8 @@ class DataParallel:
 
     def prepare(self, case, model0: nn.Module, source) -> None:
         self.case_id, self.device = case.id, source.train_x.device
-        if self.size > 1:
-            self._check_batch(model0, source.batch_size)
-            if self.bn == "global":
-                use_global_batch_stats(model0)
+        if self.size > 1 and self.bn == "global":
+            use_global_batch_stats(model0)  # every batch an arm takes is checked in step()
 
     def _check_batch(self, model: nn.Module, b: int) -> None:
         if b % self.size:
@@ -292,6 +290,9 @@ def run(case, *, steps: int | None = None, env=None, bn: str = "global", out: Pa
         seed_rows, seed_states = run_seed(case, seed, steps=steps, env=env, bn=bn)
         rows.extend(seed_rows)
         states.update({(arm, seed): s for arm, s in seed_states.items()})
+    if size > 1:
+        import torch.distributed as dist
+        dist.barrier()  # every collective is done before any rank leaves, or rank 0 writes
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     if rank == 0 and out is not None:
         full = steps == case.steps and not env.smoke
@@ -330,26 +331,20 @@ def init_process_group(device_kind: str, **kwargs) -> None:
     _STATE["group"] = dist.new_group(backend=dist.get_backend())
 
 
-def shutdown(*, synchronize: bool = True) -> None:
-    """Leave the job; every rank calls it. `synchronize=False` after an error: a rank that failed
-    mid-run must not wait in a barrier its peers (blocked in a training collective) never reach.
-
-    The barrier keeps a rank from tearing down its transport while a peer is still inside a
-    collective. Dropping our own reference to the statistics group, and collecting, frees every
-    process group (and any finished gloo work still holding tensors) while the interpreter is
-    whole: a group that survives into interpreter finalization can have a gloo worker thread
-    release a tensor then, which aborts the process ("terminate called without an active
-    exception", SIGABRT; seen about once in 30-100 spawned two-rank runs before this)."""
+def shutdown() -> None:
+    """Leave the job (every rank, also after an error). Dropping our own reference to the
+    statistics group, and collecting, frees every process group (and any finished gloo work still
+    holding tensors) while the interpreter is whole: a group that survives into interpreter
+    finalization can have a gloo worker thread release a tensor then, which aborts the process
+    ("terminate called without an active exception", SIGABRT; seen about once in 30-100 spawned
+    two-rank runs before this). No barrier here: `run` has one after its last collective, and a
+    rank that failed mid-run must not wait for peers blocked in a training collective."""
     import gc
 
     import torch.distributed as dist
-    if not dist.is_initialized():
-        _STATE["group"] = None
-        return
-    if synchronize:
-        dist.barrier()
     _STATE["group"] = None
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     gc.collect()
 
 
@@ -361,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.distributed",
                                 description="Run one case data-parallel under torchrun (DDP).")
     p.add_argument("--case", required=True, help="a registered case id")
-    p.add_argument("--steps", type=int, default=None, help="updates (default: the case's own; verdicts "
-                                                           "are written only for the full case)")
+    p.add_argument("--steps", type=int, default=None, help="updates, or epochs for an epoch-unit case "
+                                                           "(default: the case's own; verdicts are "
+                                                           "written only for the full case)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the case's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the case profile's; on CUDA each "
                                                   "process takes GPU LOCAL_RANK)")
@@ -396,11 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "cuda":
             env = RunEnv(device=f"cuda:{torch.cuda.current_device()}", optimizer=env.optimizer,
                          dtype=env.dtype, smoke=env.smoke, seeds=env.seeds)
-    finished = False
     try:
         run(case, steps=args.steps, env=env, bn=args.bn, out=Path(args.out),
             command=["python", "-m", "harness.distributed", *(argv if argv is not None else sys.argv[1:])])
-        finished = True
     except (ValueError, Unsupported) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -409,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if distributed:
-            shutdown(synchronize=finished)
+            shutdown()
     return 0
 
 

@@ -19,14 +19,20 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 
 @contextmanager
 def frozen_buffers(model: nn.Module) -> Iterator[None]:
-    """Forward in train mode without leaving a trace in running statistics."""
+    """Forward in train mode without leaving a trace: in running statistics, nor in the generators
+    of activation-noise layers (a measurement that drew training noise would shift every later
+    update's noise, so the trajectory would depend on what is measured and how often)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
+    gens = {id(m.generator): (m.generator, m.generator.get_state()) for m in model.modules()
+            if getattr(m, "generator", None) is not None and isinstance(m.generator, torch.Generator)}
     try:
         yield
     finally:
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+        for gen, state in gens.values():
+            gen.set_state(state)
 
 
 @torch.no_grad()

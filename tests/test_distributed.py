@@ -48,7 +48,8 @@ def _ghost_case():
 def _epoch_case():
     """Epoch unit: two arms walk the same epoch order in batches of their own size (16, then 32 from
     epoch 1; 8 throughout), with activation noise on one (ξ is one map shared by the batch, so every
-    rank draws the single process's ξ) and ghost batches of 4 (each shard holds whole ones)."""
+    rank draws the single process's ξ; rank 0's train-mode measurement, train_gap, must not advance
+    its noise generator) and ghost batches of 4 (each shard holds whole ones)."""
     from harness.batch_schedules import BatchSize
     from harness.checks import updates_follow_schedule
     from harness.schedules import Constant
@@ -61,7 +62,8 @@ def _epoch_case():
         model=("norm_cnn", {"in_ch": 3, "widths": (8, 16), "classes": 5, "eps": 1e-5, "ghost_batch": 4,
                             "act_noise": True}),
         data=("gaussian_mixture", {"n": 96, "shape": (3, 8, 8), "classes": 5, "batch_size": 16}),
-        arms=arms, measurements=("epoch_loss", "schedule", "si_norm", "batch_gap"), reference_arm="fixed",
+        arms=arms, measurements=("epoch_loss", "schedule", "si_norm", "batch_gap", ("train_gap", {"every": 1})),
+        reference_arm="fixed",
         properties=(updates_follow_schedule("grow", 96, source="exact"),)))
 
 
@@ -140,13 +142,11 @@ def _scenarios():
 def _spawned_rank(rank: int, tmp: str, world: int) -> None:
     torch.set_num_threads(1)
     D.init_process_group("cpu", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    finished = False
     try:
         for name, (case, bn) in _scenarios().items():
             D.run(case, env=ENV, bn=bn, out=Path(tmp) / name)
-        finished = True
     finally:
-        D.shutdown(synchronize=finished)
+        D.shutdown()
 
 
 def test_spawned_ranks_ghost_bn_exact_and_local_bn_differs(single, tmp_path):

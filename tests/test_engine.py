@@ -198,3 +198,22 @@ def test_negative_control_cannot_mark_a_property_xfail():
     case = dataclasses.replace(GOOD, negative=True, properties=(_always(False, "p").expected_to_fail("x"),))
     with pytest.raises(CaseError, match="negative control"):
         validate(case)
+
+
+def test_train_mode_measurement_leaves_activation_noise_untouched():
+    """A train-mode forward for a measurement draws ξ; frozen_buffers puts the generators back, so
+    the next training step gets the same noise whether or not (or how often) anything is measured."""
+    from harness.measurements import train_mode_outputs
+    from harness.models import ActivationNoise, NormCNN
+    torch.manual_seed(0)
+    model = NormCNN(widths=(4, 8), act_noise=True, eps=1e-5)
+    layers = [m for m in model.modules() if isinstance(m, ActivationNoise)]
+    for layer in layers:
+        layer.sigma, layer.generator = 0.5, torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 8, 8)
+    state = layers[0].generator.get_state()
+    train_mode_outputs(model, x)
+    assert torch.equal(layers[0].generator.get_state(), state)
+    with torch.no_grad():
+        model(x)  # a training forward does draw: the check above can fail
+    assert not torch.equal(layers[0].generator.get_state(), state)
