@@ -163,7 +163,7 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
             raise BaselineError(f"{run_dir}: no verdicts to make a baseline from")
         frames.append(verdicts.assign(_run=len(frames)))
         metas.append(meta)
-        per_seed.append(_per_seed_values(results))
+        per_seed.append(_per_seed_values(results, verdicts))
     for key, label in (("profile", "profile"), ("optimizer", "optimizer")):
         values = {m.get(key) for m in metas}
         if len(values) > 1:
@@ -176,8 +176,8 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
                             f"({sorted(map(str, torch_versions))}, {sorted(classes)}); make them on one setup")
     seed_sets = [json.dumps(m.get("seeds"), sort_keys=True) for m in metas]
     if len(run_dirs) > 1 and len(set(seed_sets)) < len(seed_sets):
-        print("warning: some runs used the same seeds; their spread is only roundoff "
-              "(run with --seeds 0, --seeds 1, --seeds 2)", file=sys.stderr)
+        print("warning: some runs used the same seeds; their spread is only roundoff, and a seed "
+              "counts once per run (one normal run already gives every seed's value)", file=sys.stderr)
     allv = pd.concat(frames, ignore_index=True)
     allv["measured"] = pd.to_numeric(allv["measured"], errors="coerce")
     per_seed = pd.concat(per_seed, ignore_index=True)
@@ -208,10 +208,12 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _per_seed_values(results: pd.DataFrame) -> pd.DataFrame:
+def _per_seed_values(results: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
     """(case, property, measured) of every property re-evaluated on each seed of a multi-seed case
-    alone. A case no longer registered, or whose check cannot judge one seed (it raises), or whose
-    properties changed since the run, contributes nothing: its run value still counts."""
+    alone. A case contributes nothing (its run value still counts) when it is no longer registered,
+    when its properties, their expected text or tolerance differ from the run's verdicts (the check
+    changed since the run, so its values would mix two definitions), or when its check cannot judge
+    one seed alone (it raises; a one-line warning says so)."""
     from harness import registry
     from harness.checks import evaluate
 
@@ -224,15 +226,31 @@ def _per_seed_values(results: pd.DataFrame) -> pd.DataFrame:
         case = cases[case_id]
         try:
             parts = [evaluate(case, rows[rows.seed == s]) for s in seeds]
-        except (ValueError, KeyError, IndexError, ZeroDivisionError):
+        except Exception as exc:  # a user's check may raise anything on a lone seed
+            print(f"warning: {case_id}: its check cannot judge one seed alone ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); the baseline keeps the run's value only",
+                  file=sys.stderr)
             continue
-        names = {p.name for p in case.properties}
-        out.extend(p[["case", "property", "measured"]] for p in parts if set(p.property) == names)
+        if not _same_definitions(parts[0], verdicts[verdicts.case == case_id]):
+            print(f"warning: {case_id}: its properties changed since the run; the baseline keeps the "
+                  f"run's values only (rerun the case to get its seed spread)", file=sys.stderr)
+            continue
+        out.extend(p[["case", "property", "measured"]] for p in parts)
     if not out:
         return pd.DataFrame({"case": [], "property": [], "measured": []}).astype({"measured": float})
     frame = pd.concat(out, ignore_index=True)
     frame["measured"] = pd.to_numeric(frame["measured"], errors="coerce")
     return frame
+
+
+def _same_definitions(now: pd.DataFrame, run: pd.DataFrame) -> bool:
+    """The same properties, each with the same expected text and tolerance, as in the run."""
+    if sorted(now.property) != sorted(run.property):
+        return False
+    a, b = now.set_index("property"), run.set_index("property").loc[list(now.property)]
+    tol_a, tol_b = pd.to_numeric(a.tolerance, errors="coerce"), pd.to_numeric(b.tolerance, errors="coerce")
+    same_tol = np.isclose(tol_a, tol_b, rtol=1e-9, atol=0, equal_nan=True).all()
+    return bool(same_tol and (a.expected.astype(str) == b.expected.astype(str)).all())
 
 
 def update(run_dirs: list[Path], out: Path | None = None) -> tuple[Path, pd.DataFrame]:

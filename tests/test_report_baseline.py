@@ -409,14 +409,18 @@ def test_pytest_report_option_rejects_a_non_html_path():
     assert proc.returncode == 4 and "--report takes an .html path" in proc.stderr
 
 
-def test_baseline_from_one_multi_seed_run_takes_the_spread_from_each_seed(capsys, tmp_path):
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("toy") / "run"
+    assert main(["run", "toy-bn-wd-never-converges", "--out", str(run)]) == EXIT_OK
+    return run
+
+
+def test_baseline_from_one_multi_seed_run_takes_the_spread_from_each_seed(capsys, tmp_path, toy_run):
     """One normal run gives the seed spread: each seed re-judged alone joins the run's value, and the
     verdict stays the full run's. The case gates every seed (max update norm > 1e-3), so its run value
     is the smallest seed's."""
-    case = "toy-bn-wd-never-converges"
-    run = tmp_path / "run"
-    rc, _, err = run_cli(capsys, "run", case, "--out", run)
-    assert rc == EXIT_OK, err
+    case, run = "toy-bn-wd-never-converges", toy_run
     results, verdicts, _ = store.RunDir(run).read()
     spec = registry.all_cases()[case]
     per_seed = pd.Series([spec.properties[0].check(results[results.seed == s], spec).measured for s in (0, 1, 2)])
@@ -430,3 +434,32 @@ def test_baseline_from_one_multi_seed_run_takes_the_spread_from_each_seed(capsys
     assert bool(row["passed"]) and bool(row["ok"]) and row["seeds"] == "0;1;2"
     rc, out, err = run_cli(capsys, "report", run, "--baseline", tmp_path / "b.csv", "--html", tmp_path / "r.html")
     assert rc == EXIT_OK and "1 unchanged" in out, out + err
+
+
+def _with_check(case_id: str, monkeypatch, **prop_over):
+    import dataclasses
+    cases = dict(registry.all_cases())
+    case = cases[case_id]
+    cases[case_id] = dataclasses.replace(case, properties=(dataclasses.replace(case.properties[0], **prop_over),))
+    monkeypatch.setattr(registry, "all_cases", lambda: cases)
+    return case.properties[0]
+
+
+@pytest.mark.parametrize("change, warning", [
+    ("tolerance", "its properties changed since the run"),
+    ("raises", "its check cannot judge one seed alone (TypeError: planted)"),
+])
+def test_baseline_keeps_only_the_run_value_when_the_check_changed_or_raises(change, warning, toy_run, tmp_path,
+                                                                           capsys, monkeypatch):
+    """Per-seed values must come from the check the run used; otherwise the row falls back to n = 1."""
+    from harness.checks import max_below
+    if change == "tolerance":  # the same property name, judged against another bound since the run
+        new = max_below("update_norm", 1e-2, source="s")
+        _with_check("toy-bn-wd-never-converges", monkeypatch, check=new.check)
+    else:
+        def broken(results, case):
+            raise TypeError("planted")
+        _with_check("toy-bn-wd-never-converges", monkeypatch, check=broken)
+    rc, _, err = run_cli(capsys, "baseline", "update", toy_run, "--out", tmp_path / "b.csv")
+    assert rc == EXIT_OK and warning in one_line(err), err
+    assert bl.read(tmp_path / "b.csv").set_index("case").loc["toy-bn-wd-never-converges", "n"] == 1
