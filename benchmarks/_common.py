@@ -76,6 +76,8 @@ MODEL_CASES = {
     "wrn16_4": ("batch-gpu-wrn16-4-cifar10",
                 ("gaussian_mixture", {"n": 64, "shape": (3, 32, 32), "classes": 10, "batch_size": 8})),
     "two_layer_relu": ("lwm-toy-learning-order", None),  # the learning-order toy, its own data
+    # The SMD / intrinsic-LR cases' BN MLP (width 128, batch 128) with their per-step angular observer.
+    "sphere_mlp": ("smd-momentum-equilibrium", None),
 }
 # Not here: WRN-16-10 (the learning-order GPU model, 6× WRN-16-4's FLOPs: seconds per CPU step) and
 # the small CIFAR CNNs of the slow cases (norm_cnn, covered above at the exact cases' size).

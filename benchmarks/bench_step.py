@@ -12,9 +12,11 @@ MODELS = list(MODEL_CASES)
 # The in-process ratios alternate short chunks of the two variants (ROUNDS chunks of INNER calls
 # each) and compare the best chunk of each: load from other processes hits both alike, and the
 # minimum is the figure it disturbs least. About 1-6 s per ratio on 1 thread.
-INNER = {"norm_mlp": 100, "norm_cnn": 50, "resnet18_cifar": 1, "wrn16_4": 1, "two_layer_relu": 100}
-ROUNDS = ({"norm_mlp": 3, "norm_cnn": 3, "resnet18_cifar": 1, "wrn16_4": 1, "two_layer_relu": 3} if QUICK
-          else {"norm_mlp": 15, "norm_cnn": 15, "resnet18_cifar": 3, "wrn16_4": 3, "two_layer_relu": 15})
+INNER = {"norm_mlp": 100, "norm_cnn": 50, "resnet18_cifar": 1, "wrn16_4": 1, "two_layer_relu": 100,
+         "sphere_mlp": 100}
+ROUNDS = ({"norm_mlp": 3, "norm_cnn": 3, "resnet18_cifar": 1, "wrn16_4": 1, "two_layer_relu": 3, "sphere_mlp": 3}
+          if QUICK else
+          {"norm_mlp": 15, "norm_cnn": 15, "resnet18_cifar": 3, "wrn16_4": 3, "two_layer_relu": 15, "sphere_mlp": 15})
 
 
 def ratio(model: str, candidate, baseline) -> float:
