@@ -180,7 +180,8 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
               "counts once per run (one normal run already gives every seed's value)", file=sys.stderr)
     allv = pd.concat(frames, ignore_index=True)
     allv["measured"] = pd.to_numeric(allv["measured"], errors="coerce")
-    per_seed = pd.concat(per_seed, ignore_index=True)
+    seed_values = {key: g.measured for key, g in
+                   pd.concat(per_seed, ignore_index=True).groupby(["case", "property"], sort=False)}
     rows = []
     meta0 = metas[0]
     for (case, prop), grp in allv.groupby(["case", "property"], sort=False):
@@ -189,8 +190,7 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
             if values.nunique() > 1:
                 raise BaselineError(f"{case}/{prop}: {col} is {values.sum()} of {len(values)} runs True; "
                                     f"a baseline needs a verdict that is stable across seeds")
-        measured = pd.to_numeric(pd.concat(
-            [grp.measured, per_seed.measured[(per_seed.case == case) & (per_seed.property == prop)]]))
+        measured = pd.concat([grp.measured, seed_values.get((case, prop), pd.Series(dtype=float))])
         finite = measured[np.isfinite(measured)]
         seeds = sorted({s for m in metas for s in (m.get("seeds") or {}).get(case, [])})
         last = grp.iloc[-1]

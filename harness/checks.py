@@ -242,11 +242,7 @@ def final_advantage(metric: str, arm: str, *, over: str, above: float, source: s
 
 
 def _per_seed_value(results: pd.DataFrame, arm: str | None, metric: str, step: int | None) -> pd.Series:
-    sel = results[results.metric == metric]
-    if arm is not None:
-        sel = sel[sel.arm == arm]
-    if step is not None:
-        sel = sel[sel.step == step]
+    sel = _select(results, metric, None if arm is None else (arm,), (1, None) if step is None else (step, step))
     return sel.sort_values("step").groupby("seed").value.last()
 
 

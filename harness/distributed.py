@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -45,6 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from harness.runner import SingleProcess
 
 _STATE = {"group": None, "enabled": True}
 
@@ -201,17 +204,16 @@ def _gather_batch(t: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class DataParallel:
+class DataParallel(SingleProcess):
     """harness.runner's execution hooks for one rank of a data-parallel run (see the module
     docstring): the shared initial model gets global batch statistics, each arm's model is wrapped
     in DDP, every update takes this rank's shard of the global batch, and rank 0 records the
     measurements. With a single process every hook is the runner's own."""
 
     def __init__(self, bn: str = "global"):
-        from harness.runner import SingleProcess
         if bn not in ("global", "local"):
             raise ValueError(f"bn must be 'global' or 'local', got {bn!r}")
-        self.bn, self.single = bn, SingleProcess()
+        self.bn = bn
         self.rank, self.size = world()
         self.case_id, self.device = "", torch.device("cpu")
         self.wrapped: dict[str, nn.Module] = {}
@@ -238,7 +240,7 @@ class DataParallel:
 
     def step(self, arm, k: int, x: torch.Tensor, y: torch.Tensor) -> float:
         if self.size == 1:
-            return self.single.step(arm, k, x, y)
+            return super().step(arm, k, x, y)
         b = len(y)
         self._check_batch(arm.model, b)  # epoch-unit arms change their batch size
         raw, arm.model = arm.model, self.wrapped[arm.spec.name]  # ArmState.step calls self.model(x)
@@ -266,8 +268,6 @@ class DataParallel:
 def run_seed(case, seed: int, *, steps: int, env, bn: str = "global") -> tuple[list[tuple], dict]:
     """One seed of `case` for `steps` updates (or epochs) on this rank. Returns (tidy rows, final
     state dicts per arm); the rows are complete on rank 0 only (the other ranks return none)."""
-    import dataclasses
-
     from harness import runner
     execution = DataParallel(bn)
     rows = runner.run_seed(dataclasses.replace(case, steps=steps, smoke_steps=steps), seed, env, execution)

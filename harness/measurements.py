@@ -24,7 +24,7 @@ def frozen_buffers(model: nn.Module) -> Iterator[None]:
     update's noise, so the trajectory would depend on what is measured and how often)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     gens = {id(m.generator): (m.generator, m.generator.get_state()) for m in model.modules()
-            if getattr(m, "generator", None) is not None and isinstance(m.generator, torch.Generator)}
+            if isinstance(getattr(m, "generator", None), torch.Generator)}
     try:
         yield
     finally:
