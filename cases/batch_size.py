@@ -103,7 +103,8 @@ def batch_case(case_id: str, arms: tuple[Arm, ...], properties: tuple, *, model=
                description: str = "", xfail: str | None = None) -> Case:
     return Case(id=case_id, claim=CLAIM, profile="cpu", dtype="float32", unit="epoch", model=model or cnn(),
                 data=DATA, arms=(DECAY, *arms), steps=EPOCHS, seeds=(0, 1, 2), measurements=MEASUREMENTS,
-                properties=properties, negative=negative, slow=True, smoke_steps=1, reference_arm=DECAY.name,
+                # smoke: 3 epochs, so the dry run crosses epoch ends (checkpoints; tests/test_resume.py)
+                properties=properties, negative=negative, slow=True, smoke_steps=3, reference_arm=DECAY.name,
                 description=description, xfail=xfail)
 
 

@@ -1,21 +1,35 @@
 """`python -m harness list | run | report`. Exit codes: 0 every verdict as intended, 1 a verdict
-failed (or a run diverged), 2 bad input (unknown case, bad value), 130 interrupted; each non-zero
-exit says why in one line on stderr."""
+failed or a case ended in error (a run diverged, the optimizer under test raised), 2 bad input
+(unknown case, bad value, an optimizer that cannot be constructed), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM); each non-zero exit says why in one line on stderr. An interrupted run keeps
+every finished case and resumes with `run --resume RUN_DIR`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+SUMMARY_STATUSES = ("ok", "fail", "error", "skipped", "xfail")  # always counted; xpass/smoke when present
 
 
 class BadInput(Exception):
     pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (batch schedulers, `kill`): handled like Ctrl-C, exit 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -78,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let torchvision download CIFAR-10 into the data root when no source is found there")
     run.add_argument("--out", type=Path, help="run directory (default: runs/<UTC time>-<profile>)")
     run.add_argument("--html", type=Path, help="also write the HTML report here")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="finish an interrupted run: the same command, only the cases not finished "
+                          "(epoch-unit cases continue from their last epoch); takes no other argument")
 
     mat = sub.add_parser("matrix", help="the conformance matrix: exact cases × implementation × dtype × norm")
     mat.add_argument("cases", nargs="*", metavar="CASE", help="base cases (default: every case with matrix=True)")
@@ -113,14 +130,79 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def _resume_args(args) -> tuple[argparse.Namespace, dict]:
+    """The interrupted run's own arguments (from its metadata.json), writing into the same directory."""
+    run_dir = args.resume
+    defaults = vars(build_parser().parse_args(["run"]))
+    given = [k for k, v in vars(args).items() if k in defaults and k != "resume" and v != defaults[k]]
+    if given:
+        raise BadInput(f"--resume takes the run directory alone (the run's own arguments are reused), "
+                       f"got also {', '.join(given)}")
+    try:
+        meta = json.loads((run_dir / "metadata.json").read_text())
+        argv = list(meta["command"][3:])  # after "python -m harness"
+    except FileNotFoundError:
+        raise BadInput(f"--resume {run_dir}: not a run directory (no metadata.json)") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise BadInput(f"--resume {run_dir}: unreadable metadata.json") from None
+    if argv[:1] != ["run"] or "--resume" in argv:
+        raise BadInput(f"--resume {run_dir}: metadata.json does not record a `harness run` command")
+    resumed = build_parser().parse_args(argv)
+    resumed.argv, resumed.out = argv, run_dir
+    return resumed, meta
+
+
+def _finished(run_dir, meta: dict) -> tuple[dict, list, list]:
+    """Statuses and the tables' rows of the cases an earlier (interrupted) run finished."""
+    from harness import store
+    statuses = dict(meta.get("cases") or {})
+    results, verdicts = [], []
+    if statuses:
+        try:
+            res, ver, _ = store.RunDir(run_dir).read()
+        except FileNotFoundError:
+            return {}, [], []  # killed before its first case was written: start over
+        results.append(res[res.case.isin(statuses)])
+        verdicts.append(ver[ver.case.isin(statuses)])
+    return statuses, results, verdicts
+
+
+def _summary(statuses: dict) -> str:
+    counts = pd.Series([s["status"] for s in statuses.values()], dtype=object).value_counts().to_dict()
+    shown = [f"{counts.get(k, 0)} {k}" for k in SUMMARY_STATUSES]
+    shown += [f"{counts[k]} {k}" for k in ("xpass", "smoke") if counts.get(k)]
+    return f"{len(statuses)} cases: " + ", ".join(shown)
+
+
+def _failure_line(statuses: dict, run_dir: Path) -> str | None:
+    """Why the run exits 1, in one line; None when it does not."""
+    by = {k: [c for c, s in statuses.items() if s["status"] == k] for k in ("fail", "error", "xpass")}
+    parts = []
+    if by["fail"]:
+        parts.append(f"{len(by['fail'])} case(s) with verdicts not as intended ({', '.join(by['fail'][:3])}"
+                     + (", ..." if len(by["fail"]) > 3 else "") + "; see verdicts.csv)")
+    if by["error"]:
+        parts.append(f"{len(by['error'])} case(s) ended in error, nothing judged for them "
+                     f"({', '.join(by['error'][:3])}" + (", ..." if len(by["error"]) > 3 else "")
+                     + f"; tracebacks in {run_dir / 'errors'})")
+    if by["xpass"]:
+        parts.append(f"{len(by['xpass'])} documented non-reproduction(s) passed: remove their xfail "
+                     f"({', '.join(by['xpass'][:3])})")
+    return "; ".join(parts) or None
+
+
 def cmd_run(args) -> int:
     import os
 
-    from harness import registry, report, store
-    from harness.optim import DEFAULT_OPTIMIZER, OptimizerSpecError, load_factory
+    from harness import progress, registry, report, store
+    from harness.checkpoint import file_stem
+    from harness.optim import DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory
     from harness.runner import RunEnv
-    from harness.session import execute
+    from harness import session
 
+    meta_before = None
+    if args.resume:
+        args, meta_before = _resume_args(args)
     if not args.cases and not args.profile:
         raise BadInput("name cases to run, or pass --profile cpu|gpu (`python -m harness list` shows cases)")
     from harness import matrix
@@ -147,10 +229,13 @@ def cmd_run(args) -> int:
             raise BadInput(f"--profile {args.profile}: {', '.join(other)} belong to another profile; "
                            f"drop --profile or those cases")
     optimizer = args.optimizer or DEFAULT_OPTIMIZER
-    try:
-        load_factory(optimizer)
-    except OptimizerSpecError as exc:
-        raise BadInput(str(exc)) from None
+    # Every optimizer the run will construct, checked once before any case runs: a plug-in that cannot
+    # be built with SGD's keywords is one line and exit 2, not one error per case.
+    for spec in dict.fromkeys([optimizer, *[s for s in cell_optimizers.values() if s]]):
+        try:
+            check_constructible(load_factory(spec), spec)
+        except OptimizerSpecError as exc:
+            raise BadInput(str(exc)) from None
     if args.data:
         if not Path(args.data).is_dir():
             raise BadInput(f"--data {args.data}: not a directory")
@@ -161,60 +246,84 @@ def cmd_run(args) -> int:
                  seeds=args.seeds)
 
     run_dir = store.RunDir(args.out or store.default_run_dir(args.profile))
-    devices = sorted({env.device_for(c) for c in cases})
-    meta = store.metadata(profile=args.profile, device=",".join(devices) or "none",
-                          dtype=args.dtype, optimizer=optimizer, smoke=args.smoke,
-                          seeds={c.id: list(env.seeds_for(c)) for c in cases},
-                          command=["python", "-m", "harness", *args.argv])
-    meta["status"] = "running"
-    run_dir.write_metadata(meta)
     results, verdicts, statuses = [], [], {}
-    exit_code = EXIT_OK
+    if meta_before is not None:
+        statuses, results, verdicts = _finished(run_dir.path, meta_before)
+        meta = dict(meta_before, resumed=[*meta_before.get("resumed", []), store.utc_now()])
+        print(f"resuming {run_dir.path}: {len(statuses)} of {len(cases)} cases finished before", file=sys.stderr)
+    else:
+        devices = sorted({env.device_for(c) for c in cases})
+        meta = store.metadata(profile=args.profile, device=",".join(devices) or "none",
+                              dtype=args.dtype, optimizer=optimizer, smoke=args.smoke,
+                              seeds={c.id: list(env.seeds_for(c)) for c in cases},
+                              command=["python", "-m", "harness", *args.argv])
+    meta.update(status="running", cases=statuses)
+    run_dir.write_metadata(meta)
+    checkpoints = run_dir.path / "checkpoints"
+    # SIGTERM unwinds like Ctrl-C (only the main thread may install a handler: an embedding
+    # caller on another thread keeps its own).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         for case in cases:
+            if case.id in statuses:
+                continue
             t0 = time.perf_counter()
             spec = cell_optimizers.get(case.id)
-            outcome = execute(case, dataclasses.replace(env, optimizer=spec) if spec else env)
+            outcome = session.execute(
+                case, dataclasses.replace(env, optimizer=spec) if spec else env, checkpoint_dir=checkpoints,
+                make_progress=lambda total, unit, initial, cid=case.id: progress.for_case(cid, total, unit,
+                                                                                          initial=initial))
             seconds = time.perf_counter() - t0
             statuses[case.id] = {"status": outcome.status, "seconds": round(seconds, 2),
                                  "message": outcome.message}
+            if outcome.traceback:
+                tb_file = run_dir.path / "errors" / f"{file_stem(case.id)}.txt"
+                store.atomic_write_text(tb_file, f"{case.id}: {outcome.message}\n\n{outcome.traceback}")
+                statuses[case.id]["traceback"] = str(tb_file.relative_to(run_dir.path))
             results.append(outcome.results)
             verdicts.append(outcome.verdicts)
-            # Rewritten after every case: an interrupted run keeps every finished case.
+            # Rewritten after every case: an interrupted run keeps every finished case, and the
+            # metadata says which (what --resume skips).
             run_dir.write_results(pd.concat(results, ignore_index=True))
             run_dir.write_verdicts(pd.concat(verdicts, ignore_index=True))
+            run_dir.write_metadata(meta)
             tag = outcome.status.upper() + (" (negative control)" if case.negative else "")
             print(f"{tag:28s} {case.id}  {seconds:.1f}s  {outcome.message}".rstrip(), flush=True)
-            if outcome.status in ("fail", "error", "xpass"):
-                exit_code = EXIT_FAIL
-    except KeyboardInterrupt:
-        meta.update(status="interrupted", cases=statuses)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        meta.update(status="terminated" if terminated else "interrupted", cases=statuses)
         run_dir.write_metadata(meta)
-        print(f"interrupted: finished cases are in {run_dir.path}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {len(statuses)} finished cases are in "
+              f"{run_dir.path}; finish the run with `python -m harness run --resume {run_dir.path}`",
+              file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     meta.update(status="finished", cases=statuses)
     run_dir.write_metadata(meta)
-    counts = pd.Series([s["status"] for s in statuses.values()]).value_counts().to_dict()
-    print(f"{len(cases)} cases: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-          + f"; results in {run_dir.path}")
+    print(_summary(statuses) + f"; results in {run_dir.path}")
     if args.html:
         report.write_report(run_dir.path, args.html)
         print(f"report: {args.html}")
-    if exit_code:
-        print("some verdicts failed (see verdicts.csv)", file=sys.stderr)
-    return exit_code
+    why = _failure_line(statuses, run_dir.path)
+    if why:
+        print(why, file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 def cmd_matrix(args) -> int:
     from harness import matrix, store
-    from harness.optim import OptimizerSpecError, load_factory
+    from harness.optim import OptimizerSpecError, check_constructible, load_factory
     from harness.runner import RunEnv
 
     impls = args.impl
     env = RunEnv()
     if args.optimizer:
         try:
-            load_factory(args.optimizer)
+            check_constructible(load_factory(args.optimizer), args.optimizer)
         except OptimizerSpecError as exc:
             raise BadInput(str(exc)) from None
         impls, env = (matrix.PLUGGED,), RunEnv(optimizer=args.optimizer)

@@ -18,6 +18,35 @@ class OptimizerSpecError(ValueError):
     pass
 
 
+class OptimizerFailed(RuntimeError):
+    """The optimizer under test raised. The case ends as an `error` outcome naming the exception's
+    type and first line; the run goes on with the other cases. `__cause__` keeps the original."""
+
+    def __init__(self, spec: str, where: str, exc: BaseException):
+        first = (str(exc).strip().splitlines() or [""])[0]
+        super().__init__(f"optimizer {spec} raised {type(exc).__name__} in {where}" + (f": {first}" if first else ""))
+        self.where = where
+
+
+def sut_failure(spec: str, where: str, exc: Exception) -> OptimizerFailed:
+    """Wrap an exception raised by the system under test (raise it `from exc`)."""
+    return exc if isinstance(exc, OptimizerFailed) else OptimizerFailed(spec, where, exc)
+
+
+def check_constructible(factory: Callable, spec: str) -> None:
+    """Construct the optimizer once, on a throw-away parameter, with the keywords the harness passes
+    (SGD's): a plug-in with another signature is bad input, said once before any case runs."""
+    probe = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    groups = [dict(params=[probe], lr=0.1, momentum=0.9, weight_decay=5e-4)]
+    try:
+        make_optimizer(factory, spec, groups)
+    except OptimizerFailed as exc:  # the plug-in's own constructor raised: nothing could run
+        cause = exc.__cause__
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise OptimizerSpecError(f"optimizer {spec} cannot be constructed with torch.optim.SGD's keywords "
+                                 f"(params, lr=, momentum=, weight_decay=): {type(cause).__name__}: {first}") from cause
+
+
 def load_factory(spec: str) -> Callable[..., torch.optim.Optimizer]:
     """Resolve 'pkg.module:Name' (a class or a factory function)."""
     module_name, sep, attr = spec.partition(":")
@@ -45,6 +74,8 @@ def make_optimizer(factory: Callable, spec: str, groups: list[dict]) -> torch.op
         raise OptimizerSpecError(
             f"optimizer {spec} must accept (params, lr=, momentum=, weight_decay=) like "
             f"torch.optim.SGD: {exc}") from exc
+    except Exception as exc:
+        raise sut_failure(spec, "the constructor", exc) from exc
     if not hasattr(opt, "param_groups") or not hasattr(opt, "step"):
         raise OptimizerSpecError(f"optimizer {spec} returned {type(opt).__name__}, which has no "
                                  f"param_groups/step: it must behave like a torch.optim.Optimizer")

@@ -6,6 +6,7 @@ or an augmentation never shifts the batch sequence. Results come back as tidy ro
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -15,9 +16,10 @@ import torch
 from torch import nn
 
 from harness import measurements
+from harness import progress as progress_mod
 from harness.datasets import build_source, slice_draws
 from harness.models import ActivationNoise, build_model
-from harness.optim import (DEFAULT_OPTIMIZER, load_factory, make_optimizer,
+from harness.optim import (DEFAULT_OPTIMIZER, load_factory, make_optimizer, sut_failure,
                            supports_momentum_buffer_state, supports_nesterov)
 from harness.spec import Arm, Case, Group
 
@@ -117,10 +119,14 @@ class ArmState:
         if needs_state and not supports_momentum_buffer_state(self.optimizer):
             raise Unsupported(f"optimizer {optimizer_spec} does not expose torch.optim.SGD's "
                               f"'momentum_buffer' state, which this case seeds before step 1")
-        for g, params in self.groups:
-            if g.initial_buffer:
-                for p in params:
-                    self.optimizer.state[p]["momentum_buffer"] = g.lr.initial_buffer(p.detach()).clone()
+        try:
+            for g, params in self.groups:
+                if g.initial_buffer:
+                    for p in params:
+                        self.optimizer.state[p]["momentum_buffer"] = g.lr.initial_buffer(p.detach()).clone()
+        except Exception as exc:
+            raise sut_failure(optimizer_spec, "its state (seeding 'momentum_buffer')", exc) from exc
+        self.optimizer_spec = optimizer_spec
         self.last_loss = float("nan")
         self.last_output: torch.Tensor | None = None
         self.updates = 0  # parameter updates so far (the batch-size claim counts them)
@@ -135,23 +141,36 @@ class ArmState:
         self._pre_step = any((g.decoupled and g.weight_decay) or g.buffer_correction for g, _ in self.groups)
 
     def step(self, k: int, x: torch.Tensor, y: torch.Tensor) -> float:
-        # The harness changes the LR only through param_groups[i]['lr'].
-        for i, (g, _) in enumerate(self.groups):
-            self.optimizer.param_groups[i]["lr"] = g.lr(k)
+        # Every call into the system under test sits in its own try: an exception there becomes
+        # OptimizerFailed (an `error` outcome for this case only). try costs nothing until it raises.
+        try:  # the harness changes the LR only through param_groups[i]['lr']
+            for i, (g, _) in enumerate(self.groups):
+                self.optimizer.param_groups[i]["lr"] = g.lr(k)
+        except Exception as exc:
+            raise sut_failure(self.optimizer_spec, "param_groups (setting 'lr')", exc) from exc
         if self.noise_layers:
             sigma = float(self.spec.act_noise(k)) if self.spec.act_noise is not None else 0.0
             for layer in self.noise_layers:
                 layer.sigma = sigma
         if not (self._plain_train and all(m.training for m in self._modules)):
             self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+        except Exception as exc:
+            raise sut_failure(self.optimizer_spec, "zero_grad()", exc) from exc
         out = self.model(x)
         self.last_output = out.detach()  # the 'batch_gap' observer compares arms on it, for free
         loss = nn.functional.cross_entropy(out, y)
         loss.backward()
         if self._pre_step:
-            self._before_optimizer_step(k)
-        self.optimizer.step()
+            try:
+                self._before_optimizer_step(k)
+            except Exception as exc:
+                raise sut_failure(self.optimizer_spec, "its state (the 'momentum_buffer' correction)", exc) from exc
+        try:
+            self.optimizer.step()
+        except Exception as exc:
+            raise sut_failure(self.optimizer_spec, "step()", exc) from exc
         self.updates += 1
         self.batch_size = len(y)
         self.last_loss = loss.item()
@@ -216,7 +235,11 @@ class SingleProcess:
 SINGLE = SingleProcess()
 
 
-def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SINGLE) -> list[tuple]:
+def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SINGLE, *,
+             progress=progress_mod.NULL, resume: dict | None = None, on_epoch=None) -> list[tuple]:
+    """One seed of a case. Epoch-unit cases: `on_epoch(epoch, rows, capture)` runs after each epoch
+    (capture() returns the seed's whole training state), and `resume` (a saved epoch, its rows and
+    state) continues a seed from there: set-up is replayed, then the state loaded over it."""
     dtype = getattr(torch, env.dtype_for(case))
     device = torch.device(env.device_for(case))
     steps = env.steps_for(case)
@@ -242,11 +265,56 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
                           state={})  # `state`: observers' memory between calls
 
     if case.unit == "epoch":
-        rows = _train_epochs(case, seed, steps, source, arms, ctx, observers, execution, smoke=env.smoke)
+        start, rows = 0, []
+        if resume is not None:
+            _restore_state(resume["state"], arms, gens, source, ctx)
+            start, rows = resume["epoch"], list(resume["rows"])
+        capture = lambda: _capture_state(arms, gens, source, ctx)  # noqa: E731
+        rows = _train_epochs(case, seed, steps, source, arms, ctx, observers, execution, smoke=env.smoke,
+                             start=start, rows=rows, progress=progress,
+                             on_epoch=(lambda e, r: on_epoch(e, r, capture)) if on_epoch else None)
     else:
-        rows = _train_steps(case, seed, steps, source, arms, ctx, observers, execution)
+        rows = _train_steps(case, seed, steps, source, arms, ctx, observers, execution, progress=progress)
     execution.finish(arms)
     return rows
+
+
+def _capture_state(arms: dict, gens: dict, source, ctx) -> dict:
+    """Everything a seed's remaining epochs depend on, as tensors and plain containers."""
+    return {
+        "arms": {name: {"model": a.model.state_dict(), "optimizer": a.optimizer.state_dict(),
+                        "updates": a.updates, "epoch_loss": a.epoch_loss, "batch_size": a.batch_size,
+                        "last_loss": a.last_loss,
+                        "noise": [layer.generator.get_state() for layer in a.noise_layers
+                                  if layer.generator is not None]}
+                 for name, a in arms.items()},
+        "generators": {k: g.get_state() for k, g in gens.items()},
+        "source": {"gen": source.gen.get_state(),
+                   "aug_gen": source.aug_gen.get_state() if source.aug_gen is not None else None},
+        "observers": ctx.state, "t": ctx.t,
+    }
+
+
+def _restore_state(state: dict, arms: dict, gens: dict, source, ctx) -> None:
+    for name, a in arms.items():
+        saved = state["arms"][name]
+        a.model.load_state_dict(saved["model"])
+        try:
+            a.optimizer.load_state_dict(saved["optimizer"])
+        except Exception as exc:
+            raise sut_failure(a.optimizer_spec, "load_state_dict() (resuming from a checkpoint)", exc) from exc
+        a.updates, a.epoch_loss = saved["updates"], saved["epoch_loss"]
+        a.batch_size, a.last_loss = saved["batch_size"], saved["last_loss"]
+        for layer, g in zip([m for m in a.noise_layers if m.generator is not None], saved["noise"]):
+            layer.generator.set_state(g)
+    for k, g in gens.items():
+        g.set_state(state["generators"][k])
+    source.gen.set_state(state["source"]["gen"])
+    if source.aug_gen is not None:
+        source.aug_gen.set_state(state["source"]["aug_gen"])
+    ctx.state.clear()
+    ctx.state.update(state["observers"])
+    ctx.t = state["t"]
 
 
 def _observe(case: Case, seed: int, ctx, observers, last: int) -> list[tuple]:
@@ -256,7 +324,7 @@ def _observe(case: Case, seed: int, ctx, observers, last: int) -> list[tuple]:
 
 
 def _train_steps(case: Case, seed: int, steps: int, source, arms: dict, ctx, observers,
-                 execution: SingleProcess) -> list[tuple]:
+                 execution: SingleProcess, *, progress=progress_mod.NULL) -> list[tuple]:
     rows: list[tuple] = []
     # Arms with batch_multiplier m train on the first m base batches of the step's draw, so every
     # arm still sees the same examples in the same order (linear-scaling comparisons).
@@ -272,17 +340,19 @@ def _train_steps(case: Case, seed: int, steps: int, source, arms: dict, ctx, obs
                 raise Diverged(case.id, name, seed, k + 1, value, rows)
         ctx.t = k + 1
         rows.extend(execution.observe(lambda: _observe(case, seed, ctx, observers, steps)))
+        progress.advance(len(arms))
     return rows
 
 
 def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, observers,
-                  execution: SingleProcess, *, smoke: bool = False) -> list[tuple]:
+                  execution: SingleProcess, *, smoke: bool = False, start: int = 0, rows: list | None = None,
+                  progress=progress_mod.NULL, on_epoch=None) -> list[tuple]:
     """Every arm walks the epoch's shared example order in batches of its own size (the last
     partial batch dropped); `step` in the rows counts epochs. A smoke run's tiny training set caps
-    the batch size at its size."""
-    rows: list[tuple] = []
+    the batch size at its size. Starts at epoch `start` with `rows` when resuming."""
+    rows = [] if rows is None else rows
     n = len(source.train_x)
-    for e in range(epochs):
+    for e in range(start, epochs):
         order, draws = source.epoch_plan()
         for name, arm in arms.items():
             b = arm.spec.batch_size(e) if arm.spec.batch_size else source.batch_size
@@ -298,17 +368,58 @@ def _train_epochs(case: Case, seed: int, epochs: int, source, arms: dict, ctx, o
                     raise Diverged(case.id, name, seed, e + 1, value, rows)
                 losses.append(value)
             arm.epoch_loss = float(np.mean(losses))
+            progress.advance(1)
         ctx.t = e + 1
         rows.extend(execution.observe(lambda: _observe(case, seed, ctx, observers, epochs)))
+        if on_epoch is not None and e + 1 < epochs:
+            on_epoch(e + 1, rows)
     return rows
 
 
-def run_case(case: Case, env: RunEnv) -> pd.DataFrame:
-    rows: list[tuple] = []
-    for seed in env.seeds_for(case):
-        try:
-            rows.extend(run_seed(case, seed, env))
-        except Diverged as exc:
-            exc.rows = rows + exc.rows  # keep the earlier seeds' rows too
-            raise
+def work_units(case: Case, env: RunEnv) -> tuple[int, str]:
+    """The case's total work for progress: arm-steps (arm-epochs for epoch-unit cases) over its seeds."""
+    per_seed = env.steps_for(case) * len(case.arms)
+    return per_seed * len(env.seeds_for(case)), ("arm-epoch" if case.unit == "epoch" else "arm-step")
+
+
+def run_case(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None) -> pd.DataFrame:
+    """Every seed of `case`. `make_progress(total, unit, initial)` gives the progress reporter;
+    with `checkpoint_dir`, an epoch-unit case saves a checkpoint after every epoch, resumes from one
+    it finds there (harness.checkpoint), and removes it when the case ends."""
+    seeds = env.seeds_for(case)
+    ckpt = saved = None
+    if checkpoint_dir is not None and case.unit == "epoch":
+        from harness.checkpoint import EpochCheckpoints
+        ckpt = EpochCheckpoints(checkpoint_dir, case.id, dict(
+            case=case.id, seeds=seeds, epochs=env.steps_for(case), dtype=env.dtype_for(case),
+            device=env.device_for(case), optimizer=env.optimizer, smoke=env.smoke, torch=torch.__version__))
+        saved = ckpt.load()
+        if ckpt.note:
+            print(f"{case.id}: {ckpt.note}", file=sys.stderr)
+    first = saved["seed_index"] if saved else 0
+    rows: list[tuple] = list(saved["finished_rows"]) if saved else []
+    total, unit = work_units(case, env)
+    per_seed = total // len(seeds)
+    done = first * per_seed + (saved["epoch"] * len(case.arms) if saved else 0)
+    progress = make_progress(total, unit, done) if make_progress else progress_mod.NULL
+    try:
+        for i, seed in enumerate(seeds):
+            if i < first:
+                continue
+            on_epoch = None
+            if ckpt is not None:
+                def on_epoch(epoch, seed_rows, capture, i=i, finished=list(rows)):
+                    ckpt.save(seed_index=i, epoch=epoch, finished_rows=finished, rows=seed_rows, state=capture())
+            try:
+                rows.extend(run_seed(case, seed, env, progress=progress, on_epoch=on_epoch,
+                                     resume=saved if (saved and i == first and saved["epoch"] > 0) else None))
+            except Diverged as exc:
+                exc.rows = rows + exc.rows  # keep the earlier seeds' rows too
+                raise
+            if ckpt is not None and i + 1 < len(seeds):  # a kill between seeds loses no finished seed
+                ckpt.save(seed_index=i + 1, epoch=0, finished_rows=rows, rows=[], state={})
+    finally:
+        progress.close()
+    if ckpt is not None:
+        ckpt.clear()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)

@@ -1,17 +1,22 @@
 """One case, start to verdict: run it under the injected environment, catch what a user must be
-told about (missing capability, missing CUDA, divergence), and evaluate its properties."""
+told about (missing capability, missing CUDA, divergence, an optimizer that raised), and evaluate
+its properties. Whatever a case raises ends that case only, as an `error` outcome with a one-line
+message; the full traceback rides along in `Outcome.traceback` (the CLI keeps it in RUN_DIR/errors/)."""
 from __future__ import annotations
 
 import math
+import traceback as tb
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from harness.checks import VERDICT_COLUMNS, evaluate
+from harness.cifar import DataNotFound
+from harness.optim import OptimizerFailed
 from harness.runner import RESULT_COLUMNS, Diverged, RunEnv, Unsupported, run_case
 from harness.schedules import SettingError
-from harness.spec import Case
+from harness.spec import Case, CaseError
 
 STATUSES = ("ok", "fail", "error", "skipped", "smoke", "xfail", "xpass")
 
@@ -23,6 +28,15 @@ class Outcome:
     verdicts: pd.DataFrame
     status: str  # one of STATUSES
     message: str = ""
+    traceback: str = ""  # for an `error` raised inside the case: the whole Python traceback
+
+
+def _unjudged(case: Case, expected: str, detail: str) -> pd.DataFrame:
+    """One verdict row per property for a case that could not be judged (measured NaN, not ok)."""
+    return pd.DataFrame([dict(case=case.id, claim=case.claim, property=p.name, measured=math.nan,
+                              expected=expected, tolerance=math.nan, passed=False, negative=case.negative,
+                              ok=False, source=p.source, detail=detail)
+                         for p in case.properties], columns=VERDICT_COLUMNS)
 
 
 def cuda_missing(case: Case, env: RunEnv) -> bool:
@@ -30,25 +44,31 @@ def cuda_missing(case: Case, env: RunEnv) -> bool:
     return env.device_for(case).startswith("cuda") and not torch.cuda.is_available()
 
 
-def execute(case: Case, env: RunEnv) -> Outcome:
+def execute(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None) -> Outcome:
+    """`make_progress` and `checkpoint_dir`: see harness.runner.run_case."""
     empty_results = pd.DataFrame(columns=RESULT_COLUMNS)
     empty_verdicts = pd.DataFrame(columns=VERDICT_COLUMNS)
     if cuda_missing(case, env):
         return Outcome(case, empty_results, empty_verdicts, "skipped", "requires CUDA")
     try:
-        results = run_case(case, env)
+        results = run_case(case, env, make_progress=make_progress, checkpoint_dir=checkpoint_dir)
     except Unsupported as exc:
         return Outcome(case, empty_results, empty_verdicts, "skipped", str(exc))
-    except SettingError:
-        raise  # bad hyperparameters: bad input for the caller (the CLI exits 2)
+    except (SettingError, DataNotFound, CaseError):
+        raise  # bad hyperparameters, no data, a malformed case: bad input for the caller (the CLI exits 2)
     except ValueError as exc:  # the case cannot run as declared here (data too small, batch > set, ...)
         return Outcome(case, empty_results, empty_verdicts, "error", f"{case.id} cannot run: {exc}")
     except Diverged as exc:
-        verdicts = pd.DataFrame([dict(case=case.id, claim=case.claim, property=p.name, measured=math.nan,
-                                      expected="(run diverged)", tolerance=math.nan, passed=False,
-                                      negative=case.negative, ok=False, source=p.source, detail=str(exc))
-                                 for p in case.properties], columns=VERDICT_COLUMNS)
-        return Outcome(case, pd.DataFrame(exc.rows, columns=RESULT_COLUMNS), verdicts, "error", str(exc))
+        return Outcome(case, pd.DataFrame(exc.rows, columns=RESULT_COLUMNS),
+                       _unjudged(case, "(run diverged)", str(exc)), "error", str(exc))
+    except OptimizerFailed as exc:  # the system under test raised: this case ends, the run goes on
+        return Outcome(case, empty_results, _unjudged(case, "(optimizer raised)", str(exc)), "error",
+                       str(exc), traceback=tb.format_exc())
+    except Exception as exc:  # anything else raised inside the case: still this case's error only
+        first = (str(exc).strip().splitlines() or [""])[0]
+        message = f"{case.id} raised {type(exc).__name__}" + (f": {first}" if first else "")
+        return Outcome(case, empty_results, _unjudged(case, "(case raised)", message), "error", message,
+                       traceback=tb.format_exc())
     if env.smoke:
         # Smoke proves the path runs: rows for every arm, all finite. It never gives a verdict.
         arms = {a.name for a in case.arms}

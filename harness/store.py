@@ -61,12 +61,16 @@ def device_name(device: str) -> str:
     return "; ".join(one(d) for d in device.split(","))
 
 
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def metadata(*, profile: str | None, device: str, dtype: str | None, optimizer: str,
              seeds: dict[str, list[int]], smoke: bool, command: list[str]) -> dict:
     import numpy
     import torch
     return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "git_commit": git_commit(),
         "profile": profile,
         "device": device,

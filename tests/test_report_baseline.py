@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,6 @@ from harness.runner import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 LN = "wdexp-zerobuf-mlp-ln"  # exact: gap ~1e-14 against 1e-9, far inside the safe margin
-IN = "wdexp-zerobuf-cnn-in"  # chaotic: a ratio ~0.2 against 10, inside the band-checked zone
 EVIL = "<script>alert(1)</script>"
 
 
@@ -300,9 +300,11 @@ def test_plot_registry_is_extensible(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    """LN (exact) and IN (chaotic, band-checked) on seed 0, and a baseline made from that run."""
+    """LN (exact) on seed 0, and a baseline made from that run. No chaotic case here: a value that
+    roundoff makes chaotic moves with the CPU's SIMD kernels (the IN roundoff ratio measured 0.056
+    under avx512, 0.075 default, 0.118 avx2), and no test may depend on one."""
     root = tmp_path_factory.mktemp("real")
-    assert main(["run", LN, IN, "--profile", "cpu", "--seeds", "0", "--out", str(root / "run")]) == EXIT_OK
+    assert main(["run", LN, "--profile", "cpu", "--seeds", "0", "--out", str(root / "run")]) == EXIT_OK
     assert main(["baseline", "update", str(root / "run"), "--out", str(root / "base.csv")]) == EXIT_OK
     return root
 
@@ -318,19 +320,22 @@ def test_a_run_against_its_own_baseline_is_unchanged(capsys, real_run, tmp_path)
 
 
 def test_planted_regression_band_exits_1(capsys, real_run, tmp_path):
-    base = pd.read_csv(real_run / "base.csv")
-    row = (base.case == IN)
-    measured = float(base.loc[row, "median"].iloc[0])
-    assert 10 / 100 < measured < 10, "the IN ratio should sit inside the band-checked zone (< 100× from 10)"
-    for col in ("median", "min", "max"):
-        base.loc[row, col] = measured / 30  # the baseline moved: today's value is 1.5 decades above it
-    planted = tmp_path / "planted.csv"
-    base.to_csv(planted, index=False)
-    rc, out, err = run_cli(capsys, "report", real_run / "run", "--baseline", planted, "--html", tmp_path / "r.html")
+    # Planted on a value no kernel can move: the exact gap (1e-16…1e-12 whatever roundoff does) is
+    # replaced by 1/20 of its bound, out of the 100× safe margin and decades above the baseline's
+    # band on every CPU, while the verdict itself still passes: only the band can catch it.
+    run = tmp_path / "run"
+    shutil.copytree(real_run / "run", run)
+    verdicts = pd.read_csv(run / "verdicts.csv")
+    row = (verdicts.case == LN) & (verdicts.property == "function_gap")
+    measured, tol = float(verdicts.loc[row, "measured"].iloc[0]), float(verdicts.loc[row, "tolerance"].iloc[0])
+    assert measured < tol / 1000, "the exact gap must sit far inside its bound before the plant"
+    verdicts.loc[row, "measured"] = tol / 20
+    verdicts.to_csv(run / "verdicts.csv", index=False)
+    rc, out, err = run_cli(capsys, "report", run, "--baseline", real_run / "base.csv", "--html", tmp_path / "r.html")
     assert rc == EXIT_FAIL
     line = one_line(err)
-    assert line.startswith(f"regression against baseline {planted}") and f"{IN}/" in line and "regressed" in line
-    assert "1 regressed" in out
+    assert line.startswith(f"regression against baseline {real_run / 'base.csv'}") and f"{LN}/" in line
+    assert "regressed" in line and "1 regressed" in out
     page = (tmp_path / "r.html").read_text()
     assert "data-change='regressed'" in page and "+ regressed" in page
     assert "Against the baseline: " in page and "class='banner fail'" in page

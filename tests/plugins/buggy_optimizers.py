@@ -1,0 +1,51 @@
+"""Optimizers that fail in the ways a real plug-in can: the system under test for the harness's own
+failure handling (tests/test_failing_optimizer.py runs them through the real CLI, this folder on
+PYTHONPATH). Each is otherwise torch.optim.SGD, so everything before the failure is ordinary."""
+from __future__ import annotations
+
+import torch
+
+
+class CrashesInStep(torch.optim.SGD):
+    """Raises inside step() at its 4th call (the arms' steps interleave: the first arm's 2nd update)."""
+
+    def step(self, closure=None):
+        self._calls = getattr(self, "_calls", 0) + 1
+        if self._calls == 4:
+            raise ZeroDivisionError("planted bug in step()\nsecond line, never shown on the console")
+        return super().step(closure)
+
+
+class CrashesInZeroGrad(torch.optim.SGD):
+    def zero_grad(self, set_to_none: bool = True):
+        raise RuntimeError("planted bug in zero_grad()")
+
+
+class CrashesInConstructorForSomeGroups(torch.optim.SGD):
+    """Builds for the harness's construction check (one group) but not for two groups: a per-case
+    constructor failure."""
+
+    def __init__(self, params, **kw):
+        params = list(params)
+        if len(params) > 1:
+            raise NotImplementedError("only one parameter group is supported")
+        super().__init__(params, **kw)
+
+
+class WrongSignature(torch.optim.SGD):
+    def __init__(self, params, learning_rate: float):
+        super().__init__(params, lr=learning_rate)
+
+
+class ReturnsNaN(torch.optim.SGD):
+    """Writes NaN into every parameter at its 3rd step: the run diverges on the next loss."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self._calls = getattr(self, "_calls", 0) + 1
+        if self._calls == 3:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+        return loss
