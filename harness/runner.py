@@ -396,6 +396,9 @@ def run_case(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None
         saved = ckpt.load()
         if ckpt.note:
             print(f"{case.id}: {ckpt.note}", file=sys.stderr)
+        elif saved:
+            print(f"{case.id}: resuming seed {seeds[saved['seed_index']]} at epoch {saved['epoch']} of "
+                  f"{env.steps_for(case)} (checkpoint {ckpt.path.name})", file=sys.stderr)
     first = saved["seed_index"] if saved else 0
     rows: list[tuple] = list(saved["finished_rows"]) if saved else []
     total, unit = work_units(case, env)
