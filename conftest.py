@@ -48,7 +48,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    for marker in ("cpu", "gpu", "slow", "negative"):
+    for marker in ("cpu", "gpu", "slow", "negative", "exact"):
         config.addinivalue_line("markers", f"{marker}: see pyproject.toml")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # One GPU per worker ("gw3" -> GPU 3 mod the count), set before anything starts CUDA; the

@@ -27,7 +27,7 @@ def reparam_case(case_id: str, c: float, *, dtype: str, bound: float, source: st
     other = scaled if scale_other else base
     return Case(id=case_id, claim=CLAIM, profile="cpu", model=model, data=data,
                 arms=(Arm("base", base, base), Arm("scaled", scaled, other, init_scale=1 / c, scale_other=scale_other)),
-                steps=STEPS, dtype=dtype, seeds=(0, 1, 2), negative=negative,
+                steps=STEPS, dtype=dtype, seeds=(0, 1, 2), negative=negative, exact=True,  # bitwise or float64
                 measurements=("si_weight_gap", *FUNCTION_GAP, "loss"),
                 properties=(max_below("si_weight_gap", bound, source=source, inclusive=inclusive,
                                       name="weights_are_rescaled_copies"),), **kw)

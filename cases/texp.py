@@ -29,7 +29,7 @@ def texp_case(case_id: str, *, corrected: bool = True, negative: bool = False, m
     return Case(id=case_id, claim=CLAIM_TEXP, profile="cpu", model=model, data=data or VECTORS,
                 arms=(Arm("wd", base, base),
                       Arm("exp", Group(texp, 0.0, GAMMA, initial_buffer=True, buffer_correction=corrected), base)),
-                steps=STEPS, negative=negative, requires=("momentum_buffer_state",), **kw)
+                steps=STEPS, negative=negative, requires=("momentum_buffer_state",), exact=True, **kw)
 
 
 def texppp_case(case_id: str, schedule, *, model=MLP, data=None, wd=LAM, momentum=GAMMA,
@@ -40,7 +40,7 @@ def texppp_case(case_id: str, schedule, *, model=MLP, data=None, wd=LAM, momentu
     exp_lr = TexpPP(twin_of or schedule, wd, momentum)
     return Case(id=case_id, claim=CLAIM_TEXPPP, profile="cpu", model=model, data=data or VECTORS,
                 arms=(Arm("wd", base, base), Arm("exp", Group(exp_lr, 0.0, momentum), base)),
-                steps=steps, **kw)
+                steps=steps, exact=True, **kw)
 
 
 CASES = [

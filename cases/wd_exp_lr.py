@@ -44,7 +44,8 @@ def wd_vs_exp_case(case_id: str, *, model=MLP, data=VECTORS, lr=ETA, wd=LAM, mom
                    form: str = "zero_buffer", steps: int = STEPS, non_si: str = "base",
                    decoupled_wd: bool = False, exponent_offset: int = 0, negative: bool = False,
                    properties: tuple | None = None, measurements=(*FUNCTION_GAP, "si_norm", "loss"),
-                   dtype: str | None = None, description: str = "", **case_kw) -> Case:
+                   dtype: str | None = None, description: str = "", exact: bool | None = None,
+                   **case_kw) -> Case:
     """The WD arm (constant η, coupled λ, momentum γ) against its exponential-LR twin.
 
     form: 'thm' = Thm 2.1 / 2.9 pure exponential (seeded buffer when γ > 0),
@@ -52,6 +53,8 @@ def wd_vs_exp_case(case_id: str, *, model=MLP, data=VECTORS, lr=ETA, wd=LAM, mom
           'zero_buffer' = the exact recursion for a zero buffer (works on any optimizer).
     non_si: 'base' = non-SI params train on (η, λ) in both arms; 'freeze'; 'same_as_si' = the
           exp arm puts them in its no-WD exp-LR group (wrong: they are not scale-invariant).
+    exact: default True in float64 (the exact cases and their negative controls, which miss the
+          exact bound by orders); with_roundoff_twin (chaotic cases) sets it False.
     """
     if form == "zero_buffer":
         exp_lr, seeded = zero_buffer_exp_lr(lr, wd, momentum), False
@@ -68,7 +71,7 @@ def wd_vs_exp_case(case_id: str, *, model=MLP, data=VECTORS, lr=ETA, wd=LAM, mom
         arms=(Arm("wd", wd_group, other_wd), Arm("exp", exp_group, other_exp)),
         steps=steps, properties=properties or exact_properties(), measurements=measurements,
         negative=negative, dtype=dtype, requires=("momentum_buffer_state",) if seeded else (),
-        description=description, **case_kw)
+        description=description, exact=(dtype or "float64") == "float64" if exact is None else exact, **case_kw)
 
 
 # Instance norm on 8×8 inputs at (η, γ) = (0.1, 0.9) is chaotic: a 1e-15 relative perturbation

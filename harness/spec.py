@@ -129,6 +129,10 @@ class Case:
     # arm walks the same example order each epoch in batches of its own size, schedules (LR, batch
     # size) are indexed by the 0-based epoch and measurements run at the end of each epoch.
     unit: str = "step"
+    # An exact equivalence (a float64 roundoff-level bound, or bitwise equality), never chaotic: its
+    # verdict and value class must be the same under every CPU's SIMD kernels. Marked `exact`; CI
+    # runs these a second time under ATEN_CPU_CAPABILITY=default against the committed baseline.
+    exact: bool = False
 
     @property
     def reference(self) -> str:
@@ -141,6 +145,8 @@ class Case:
             marks.append("slow")
         if self.negative:
             marks.append("negative")
+        if self.exact:
+            marks.append("exact")
         return tuple(marks)
 
     def default_dtype(self) -> str:
