@@ -64,7 +64,21 @@ def pytest_configure(config):
     settings.register_profile("dev", deadline=None, max_examples=20)
     settings.register_profile("thorough", deadline=None, max_examples=300)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+    _check_optimizer(config)
     _configure_run_dir(config)
+
+
+def _check_optimizer(config) -> None:
+    """`--optimizer` that cannot be imported or constructed with SGD's keywords: one usage error for
+    the session (as the CLI's exit 2), not one failure per case."""
+    spec = config.getoption("--optimizer")
+    if not spec or getattr(config, "workerinput", None) is not None:
+        return
+    from harness.optim import OptimizerSpecError, check_constructible, load_factory
+    try:
+        check_constructible(load_factory(spec), spec)
+    except OptimizerSpecError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.hookimpl(optionalhook=True)
