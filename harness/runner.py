@@ -279,10 +279,17 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
     return rows
 
 
+def _optimizer_state(arm: ArmState) -> dict:
+    try:
+        return arm.optimizer.state_dict()
+    except Exception as exc:
+        raise sut_failure(arm.optimizer_spec, "state_dict() (writing a checkpoint)", exc) from exc
+
+
 def _capture_state(arms: dict, gens: dict, source, ctx) -> dict:
     """Everything a seed's remaining epochs depend on, as tensors and plain containers."""
     return {
-        "arms": {name: {"model": a.model.state_dict(), "optimizer": a.optimizer.state_dict(),
+        "arms": {name: {"model": a.model.state_dict(), "optimizer": _optimizer_state(a),
                         "updates": a.updates, "epoch_loss": a.epoch_loss, "batch_size": a.batch_size,
                         "last_loss": a.last_loss,
                         "noise": [layer.generator.get_state() for layer in a.noise_layers
