@@ -33,6 +33,8 @@ def pytest_addoption(parser):
                     help="torch device for the cases (default: cpu for cpu cases, cuda for gpu cases)")
     group.addoption("--optimizer", default=None, metavar="pkg.module:Name",
                     help="optimizer under test, torch.optim.SGD's signature (default torch.optim:SGD)")
+    group.addoption("--optimizer-kwargs", default=None, metavar="JSON",
+                    help="extra constructor keywords for --optimizer, a JSON object, e.g. '{\"foreach\": true}'")
     group.addoption("--smoke", action="store_true",
                     help="run each selected case for a few steps on tiny data: results, no verdicts")
     group.addoption("--seeds", default=None, help="comma-separated seeds overriding the cases' own")
@@ -71,12 +73,13 @@ def pytest_configure(config):
 def _check_optimizer(config) -> None:
     """`--optimizer` that cannot be imported or constructed with SGD's keywords: one usage error for
     the session (as the CLI's exit 2), not one failure per case."""
-    spec = config.getoption("--optimizer")
-    if not spec or getattr(config, "workerinput", None) is not None:
+    spec, text = config.getoption("--optimizer"), config.getoption("--optimizer-kwargs")
+    if not (spec or text) or getattr(config, "workerinput", None) is not None:
         return
-    from harness.optim import OptimizerSpecError, check_constructible, load_factory
+    from harness.optim import DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory, parse_kwargs
+    spec = spec or DEFAULT_OPTIMIZER
     try:
-        check_constructible(load_factory(spec), spec)
+        check_constructible(load_factory(spec), spec, parse_kwargs(text))
     except OptimizerSpecError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -116,6 +119,7 @@ def run_env(pytestconfig):
     seeds = pytestconfig.getoption("--seeds")
     return RunEnv(device=pytestconfig.getoption("--device"),
                   optimizer=pytestconfig.getoption("--optimizer") or DEFAULT_OPTIMIZER,
+                  optimizer_kwargs=pytestconfig.getoption("--optimizer-kwargs") or "",
                   smoke=pytestconfig.getoption("--smoke"),
                   seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None)
 
@@ -172,6 +176,7 @@ def record_outcome(request):
             "seconds": round(time.perf_counter() - t0, 2), "device": env.device_for(case),
             "device_name": device_name(env.device_for(case)),  # the worker's torch threads, not the controller's
             "seeds": list(env.seeds_for(case)), "optimizer": env.optimizer, "smoke": env.smoke,
+            "optimizer_kwargs": env.optimizer_kwargs,
             "dtype": env.dtype, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}))
     return record
 

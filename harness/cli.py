@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--optimizer", default=None, metavar="pkg.module:Name",
                      help="the system under test: a class or factory with torch.optim.SGD's signature "
                           "(default torch.optim:SGD)")
+    run.add_argument("--optimizer-kwargs", metavar="JSON", default=None,
+                     help="extra constructor keywords for the optimizer, a JSON object, e.g. '{\"foreach\": true}' "
+                          "(on top of the cases' lr, momentum, weight_decay)")
     run.add_argument("--device", type=_device, help="default: cpu for the cpu profile, cuda for gpu")
     run.add_argument("--dtype", choices=("float64", "float32"), help="override the cases' dtype")
     run.add_argument("--seeds", type=_seeds, help="override the cases' seeds, e.g. 0,1,2")
@@ -103,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--impl", type=_choices("forloop", "foreach", "fused"), default="forloop,foreach,fused")
     mat.add_argument("--optimizer", metavar="pkg.module:Name",
                      help="put a plugged-in optimizer through the matrix (replaces --impl)")
+    mat.add_argument("--optimizer-kwargs", metavar="JSON", default=None,
+                     help="extra constructor keywords for --optimizer, a JSON object")
     mat.add_argument("--out", type=Path, help="default: runs/<UTC time>-matrix")
+
+    con = sub.add_parser("conform", help="one optimizer's certificate: its update rule, and which claims hold "
+                                         "for it (exit 0 when it conforms to Definition 1.2, 1 when not)")
+    con.add_argument("--optimizer", default=None, metavar="pkg.module:Name",
+                     help="the optimizer to certify (default torch.optim:SGD)")
+    con.add_argument("--optimizer-kwargs", metavar="JSON", default=None,
+                     help="extra constructor keywords, a JSON object, e.g. '{\"foreach\": true}'")
+    con.add_argument("--full", action="store_true",
+                     help="also run the families too slow for the quick (< 30 s) certificate")
+    con.add_argument("--json", action="store_true", help="print the certificate as JSON instead of text")
+    con.add_argument("--out", type=Path, help="also keep a run directory of the cases it ran")
+    con.add_argument("--html", type=Path, help="also write the HTML report, with the certificate first")
 
     rep = sub.add_parser("report", help="build the self-contained HTML report of a run directory")
     rep.add_argument("run_dir", type=Path)
@@ -196,7 +213,8 @@ def cmd_run(args) -> int:
 
     from harness import progress, registry, report, store
     from harness.checkpoint import file_stem
-    from harness.optim import DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory
+    from harness.optim import (DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory,
+                               parse_kwargs)
     from harness.runner import RunEnv
     from harness import session
 
@@ -231,11 +249,12 @@ def cmd_run(args) -> int:
     optimizer = args.optimizer or DEFAULT_OPTIMIZER
     # Every optimizer the run will construct, checked once before any case runs: a plug-in that cannot
     # be built with SGD's keywords is one line and exit 2, not one error per case.
-    for spec in dict.fromkeys([optimizer, *[s for s in cell_optimizers.values() if s]]):
-        try:
-            check_constructible(load_factory(spec), spec)
-        except OptimizerSpecError as exc:
-            raise BadInput(str(exc)) from None
+    try:
+        kwargs = parse_kwargs(args.optimizer_kwargs)
+        for spec in dict.fromkeys([optimizer, *[s for s in cell_optimizers.values() if s]]):
+            check_constructible(load_factory(spec), spec, kwargs)
+    except OptimizerSpecError as exc:
+        raise BadInput(str(exc)) from None
     if args.data:
         if not Path(args.data).is_dir():
             raise BadInput(f"--data {args.data}: not a directory")
@@ -243,7 +262,7 @@ def cmd_run(args) -> int:
     if args.download:
         os.environ["HARNESS_DOWNLOAD"] = "1"  # read by harness.datasets.cifar10
     env = RunEnv(device=args.device, optimizer=optimizer, dtype=args.dtype, smoke=args.smoke,
-                 seeds=args.seeds)
+                 seeds=args.seeds, optimizer_kwargs=args.optimizer_kwargs or "")
 
     run_dir = store.RunDir(args.out or store.default_run_dir(args.profile))
     results, verdicts, statuses = [], [], {}
@@ -257,6 +276,7 @@ def cmd_run(args) -> int:
                               dtype=args.dtype, optimizer=optimizer, smoke=args.smoke,
                               seeds={c.id: list(env.seeds_for(c)) for c in cases},
                               command=["python", "-m", "harness", *args.argv])
+        meta["optimizer_kwargs"] = kwargs
     meta.update(status="running", cases=statuses)
     run_dir.write_metadata(meta)
     checkpoints = run_dir.path / "checkpoints"
@@ -316,17 +336,20 @@ def cmd_run(args) -> int:
 
 def cmd_matrix(args) -> int:
     from harness import matrix, store
-    from harness.optim import OptimizerSpecError, check_constructible, load_factory
+    from harness.optim import OptimizerSpecError, check_constructible, load_factory, parse_kwargs
     from harness.runner import RunEnv
 
     impls = args.impl
     env = RunEnv()
+    if args.optimizer_kwargs and not args.optimizer:
+        raise BadInput("--optimizer-kwargs needs --optimizer (the --impl switches take none)")
     if args.optimizer:
         try:
-            check_constructible(load_factory(args.optimizer), args.optimizer)
+            kwargs = parse_kwargs(args.optimizer_kwargs)
+            check_constructible(load_factory(args.optimizer), args.optimizer, kwargs)
         except OptimizerSpecError as exc:
             raise BadInput(str(exc)) from None
-        impls, env = (matrix.PLUGGED,), RunEnv(optimizer=args.optimizer)
+        impls, env = (matrix.PLUGGED,), RunEnv(optimizer=args.optimizer, optimizer_kwargs=args.optimizer_kwargs or "")
     specs = matrix.cells(case_ids=args.cases or None, norms=args.norm, dtypes=args.dtype, impls=impls)
     out = store.RunDir(args.out or store.default_run_dir("matrix")).path
     rows = []
@@ -342,6 +365,34 @@ def cmd_matrix(args) -> int:
     print(summary)
     print(f"matrix: {out / 'matrix.csv'} and {out / 'matrix.md'}")
     return EXIT_FAIL if table.status.isin(["fail", "error"]).any() else EXIT_OK
+
+
+def cmd_conform(args) -> int:
+    from harness import conform, report, store
+    from harness.optim import DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory, parse_kwargs
+
+    optimizer = args.optimizer or DEFAULT_OPTIMIZER
+    try:
+        check_constructible(load_factory(optimizer), optimizer, parse_kwargs(args.optimizer_kwargs))
+        cert, outcomes = conform.certify(optimizer, args.optimizer_kwargs or "", full=args.full)
+    except OptimizerSpecError as exc:
+        raise BadInput(str(exc)) from None
+    print(json.dumps(cert, indent=2, default=str) if args.json else conform.render_text(cert), end="")
+    if args.out or args.html:
+        run_dir = store.RunDir(args.out or store.default_run_dir("conform"))
+        run_dir.write_results(pd.concat([o.results for o in outcomes], ignore_index=True))
+        run_dir.write_verdicts(pd.concat([o.verdicts for o in outcomes], ignore_index=True))
+        meta = store.metadata(profile=None, device="cpu", dtype=None, optimizer=optimizer,
+                              seeds={o.case.id: list(o.case.seeds) for o in outcomes}, smoke=False,
+                              command=["python", "-m", "harness", *args.argv])
+        meta.update(status="finished", certificate=cert, optimizer_kwargs=cert["optimizer_kwargs"],
+                    cases={o.case.id: {"status": o.status, "message": o.message} for o in outcomes})
+        run_dir.write_metadata(meta)
+        if args.html:
+            report.write_report(run_dir.path, args.html, baseline=None)
+        print(f"run directory: {run_dir.path}" + (f"; report: {args.html}" if args.html else ""),
+              file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK if cert["conforms"] else EXIT_FAIL
 
 
 def cmd_report(args) -> int:
@@ -391,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return {"list": cmd_list, "run": cmd_run, "matrix": cmd_matrix, "report": cmd_report, "baseline": cmd_baseline}[args.command](args)
+        return {"list": cmd_list, "run": cmd_run, "matrix": cmd_matrix, "conform": cmd_conform,
+                "report": cmd_report, "baseline": cmd_baseline}[args.command](args)
     except (BadInput, UnknownCase, SettingError, CaseError, DataNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

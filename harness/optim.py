@@ -1,12 +1,16 @@
 """The system under test: optimizer factories with torch.optim.SGD's signature.
 
-A factory is called as `Factory(param_groups, lr=…, momentum=…, weight_decay=…)`; the harness then
-changes the LR only through `param_groups[i]['lr']`. Each group also carries its own 'lr',
-'momentum' and 'weight_decay', as torch.optim.SGD groups do.
+A factory is called as `Factory(param_groups, lr=…, momentum=…, weight_decay=…, **user_kwargs)`;
+the harness then changes the LR only through `param_groups[i]['lr']`. Each group also carries its
+own 'lr', 'momentum' and 'weight_decay', as torch.optim.SGD groups do. `user_kwargs` come from
+`--optimizer-kwargs JSON` (e.g. {"foreach": true}). A factory whose signature has no `momentum`
+(a pure SGD variant) is called without it and runs only the momentum-free cases.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 from typing import Any, Callable
 
 import torch
@@ -33,18 +37,20 @@ def sut_failure(spec: str, where: str, exc: Exception) -> OptimizerFailed:
     return exc if isinstance(exc, OptimizerFailed) else OptimizerFailed(spec, where, exc)
 
 
-def check_constructible(factory: Callable, spec: str) -> None:
+def check_constructible(factory: Callable, spec: str, kwargs: dict | None = None) -> None:
     """Construct the optimizer once, on a throw-away parameter, with the keywords the harness passes
-    (SGD's): a plug-in with another signature is bad input, said once before any case runs."""
+    (SGD's) and the user's: a plug-in with another signature is bad input, said once before any case."""
     probe = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    groups = [dict(params=[probe], lr=0.1, momentum=0.9, weight_decay=5e-4)]
+    momentum = 0.9 if accepts(factory, "momentum") else 0.0
+    groups = [dict(params=[probe], lr=0.1, momentum=momentum, weight_decay=5e-4)]
     try:
-        make_optimizer(factory, spec, groups)
+        make_optimizer(factory, spec, groups, kwargs)
     except OptimizerFailed as exc:  # the plug-in's own constructor raised: nothing could run
         cause = exc.__cause__
         first = (str(cause).strip().splitlines() or [""])[0]
+        extra = f" and {json.dumps(kwargs)}" if kwargs else ""
         raise OptimizerSpecError(f"optimizer {spec} cannot be constructed with torch.optim.SGD's keywords "
-                                 f"(params, lr=, momentum=, weight_decay=): {type(cause).__name__}: {first}") from cause
+                                 f"(params, lr=, momentum=, weight_decay=){extra}: {type(cause).__name__}: {first}") from cause
 
 
 def load_factory(spec: str) -> Callable[..., torch.optim.Optimizer]:
@@ -66,14 +72,48 @@ def load_factory(spec: str) -> Callable[..., torch.optim.Optimizer]:
     return obj
 
 
-def make_optimizer(factory: Callable, spec: str, groups: list[dict]) -> torch.optim.Optimizer:
-    first = groups[0]
+HARNESS_KEYWORDS = ("lr", "momentum", "weight_decay")
+
+
+def parse_kwargs(text: str | None) -> dict:
+    """`--optimizer-kwargs` JSON: an object of extra constructor keywords, never the harness's own."""
+    if not text:
+        return {}
     try:
-        opt = factory(groups, lr=first["lr"], momentum=first["momentum"], weight_decay=first["weight_decay"])
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OptimizerSpecError(f"--optimizer-kwargs must be a JSON object, e.g. '{{\"foreach\": true}}' "
+                                 f"({exc.msg} at character {exc.pos})") from None
+    if not isinstance(kwargs, dict):
+        raise OptimizerSpecError(f"--optimizer-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    clash = sorted(set(kwargs) & set(HARNESS_KEYWORDS))
+    if clash:
+        raise OptimizerSpecError(f"--optimizer-kwargs must not set {', '.join(clash)}: every case sets "
+                                 f"lr, momentum and weight_decay itself")
+    return kwargs
+
+
+def accepts(factory: Callable, name: str) -> bool:
+    """Whether the factory's signature takes keyword `name` (a class: its __init__); unknown: True."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def make_optimizer(factory: Callable, spec: str, groups: list[dict], kwargs: dict | None = None) -> torch.optim.Optimizer:
+    first = groups[0]
+    harness_kw = dict(lr=first["lr"], weight_decay=first["weight_decay"])
+    if accepts(factory, "momentum"):
+        harness_kw["momentum"] = first["momentum"]
+    try:
+        opt = factory(groups, **harness_kw, **(kwargs or {}))
     except TypeError as exc:
+        extra = f" and --optimizer-kwargs {json.dumps(kwargs)}" if kwargs else ""
         raise OptimizerSpecError(
             f"optimizer {spec} must accept (params, lr=, momentum=, weight_decay=) like "
-            f"torch.optim.SGD: {exc}") from exc
+            f"torch.optim.SGD{extra}: {exc}") from exc
     except Exception as exc:
         raise sut_failure(spec, "the constructor", exc) from exc
     if not hasattr(opt, "param_groups") or not hasattr(opt, "step"):

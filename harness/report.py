@@ -277,6 +277,28 @@ def _meta_table(meta: dict) -> list[str]:
     return parts
 
 
+def _certificate_section(cert: dict) -> list[str]:
+    """`harness conform`'s certificate: the diagnosed update rule, then one row per claim family."""
+    from harness.conform import _margin_text
+    d = cert.get("diagnosis") or {}
+    ok = bool(cert.get("conforms"))
+    parts = ["<h2>Certificate</h2>",
+             f"<div class='banner {'pass' if ok else 'fail'}'><b>{_e(cert.get('optimizer'))} "
+             f"{_e(cert.get('optimizer_kwargs') or '')}: {'conforms' if ok else 'does NOT conform'} to "
+             f"Definition 1.2</b><br>Update rule: {_e(d.get('label'))}. {_e(d.get('implication'))}</div>",
+             "<table><tr><th>form</th><th>max deviation</th><th>matched</th><th>note</th></tr>"]
+    for m in d.get("matches") or []:
+        parts.append(f"<tr><td>{_e(m.get('label') or m.get('form'))}</td><td>{_e(_fmt(m.get('deviation')))}</td>"
+                     f"<td>{'yes' if m.get('matched') else ''}</td><td>{_e(m.get('note') or '')}</td></tr>")
+    parts.append("</table><table><tr><th>claim family</th><th>verdict</th><th>worst margin to a bound</th>"
+                 "<th>why</th></tr>")
+    for f in cert.get("families") or []:
+        parts.append(f"<tr><td>{_e(f.get('title'))}</td><td>{_e(f.get('status'))}</td>"
+                     f"<td>{_e(_margin_text(f.get('worst')))}</td><td>{_e(f.get('why') or '')}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
 def _legend() -> str:
     rows = "".join(f"<tr><td class='mark m-{s}'>{_e(m if m.strip() else '·')}</td><td>{_e(s)}</td>"
                    f"<td>{_e(d)}</td></tr>" for m, s, d in bl.LEGEND)
@@ -346,6 +368,8 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
     else:
         parts.append("<div class='banner info'>No baseline comparison (no baseline for this run's profile, "
                      "or a smoke run).</div>")
+    if isinstance(meta.get("certificate"), dict):
+        parts.extend(_certificate_section(meta["certificate"]))
     parts.extend(_meta_table(meta))
     parts.append(_legend())
     cases_meta = meta.get("cases", {}) if isinstance(meta.get("cases"), dict) else {}

@@ -19,8 +19,8 @@ from harness import measurements
 from harness import progress as progress_mod
 from harness.datasets import build_source, slice_draws
 from harness.models import ActivationNoise, build_model
-from harness.optim import (DEFAULT_OPTIMIZER, load_factory, make_optimizer, sut_failure,
-                           supports_momentum_buffer_state, supports_nesterov)
+from harness.optim import (DEFAULT_OPTIMIZER, accepts, load_factory, make_optimizer, parse_kwargs,
+                           sut_failure, supports_momentum_buffer_state, supports_nesterov)
 from harness.spec import Arm, Case, Group
 
 RESULT_COLUMNS = ["case", "arm", "seed", "step", "metric", "value"]
@@ -47,9 +47,13 @@ class RunEnv:
 
     device: str | None = None  # None: cpu for the cpu profile, cuda for the gpu profile
     optimizer: str = DEFAULT_OPTIMIZER
+    optimizer_kwargs: str = ""  # JSON object of extra constructor keywords (`--optimizer-kwargs`)
     dtype: str | None = None  # None: the case's default for its profile
     smoke: bool = False
     seeds: tuple[int, ...] | None = None
+
+    def kwargs(self) -> dict:
+        return parse_kwargs(self.optimizer_kwargs)
 
     def device_for(self, case: Case) -> str:
         return self.device or ("cpu" if case.profile == "cpu" else "cuda")
@@ -79,7 +83,7 @@ def _generator(seed: int) -> torch.Generator:
 
 class ArmState:
     def __init__(self, spec: Arm, model: nn.Module, factory, optimizer_spec: str, requires: tuple[str, ...],
-                 noise_seed: int = 0):
+                 noise_seed: int = 0, optimizer_kwargs: dict | None = None):
         self.spec, self.model = spec, model
         self.noise_layers = [m for m in model.modules() if isinstance(m, ActivationNoise)]
         if spec.act_noise is not None:
@@ -107,10 +111,13 @@ class ArmState:
         if not self.groups:
             raise ValueError(f"arm {spec.name!r} has no trainable parameter: the model declares no SI weights "
                              f"and the arm freezes the rest (other=None)")
+        if any(g.momentum for g, _ in self.groups) and not accepts(factory, "momentum"):
+            raise Unsupported(f"optimizer {optimizer_spec} takes no momentum, and arm {spec.name!r} uses "
+                              f"momentum {max(g.momentum for g, _ in self.groups):g}")
         self.optimizer = make_optimizer(factory, optimizer_spec, [
             dict(params=params, lr=g.lr(0), momentum=g.momentum,
                  weight_decay=0.0 if g.decoupled else g.weight_decay, **({"nesterov": True} if g.nesterov else {}))
-            for g, params in self.groups])
+            for g, params in self.groups], optimizer_kwargs)
         if any(g.nesterov for g, _ in self.groups) and not supports_nesterov(self.optimizer):
             raise Unsupported(f"optimizer {optimizer_spec} does not declare Nesterov momentum support "
                               f"(torch.optim.SGD's per-group 'nesterov'), which this case uses")
@@ -255,8 +262,9 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
                          dtype=dtype, device=device)
     execution.prepare(case, model0, source)
     factory = load_factory(env.optimizer)
+    kwargs = env.kwargs()
     arms = {a.name: ArmState(a, arm_model(model0, a, gens["init_noise"]), factory,
-                             env.optimizer, case.requires, noise_seed=streams["act_noise"])
+                             env.optimizer, case.requires, noise_seed=streams["act_noise"], optimizer_kwargs=kwargs)
             for a in case.arms}
     execution.attach(arms)
     probe = source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"])
@@ -399,7 +407,8 @@ def run_case(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None
         from harness.checkpoint import EpochCheckpoints
         ckpt = EpochCheckpoints(checkpoint_dir, case.id, dict(
             case=case.id, seeds=seeds, epochs=env.steps_for(case), dtype=env.dtype_for(case),
-            device=env.device_for(case), optimizer=env.optimizer, smoke=env.smoke, torch=torch.__version__))
+            device=env.device_for(case), optimizer=env.optimizer, optimizer_kwargs=env.optimizer_kwargs,
+            smoke=env.smoke, torch=torch.__version__))
         saved = ckpt.load()
         if ckpt.note:
             print(f"{case.id}: {ckpt.note}", file=sys.stderr)

@@ -49,3 +49,8 @@ class ReturnsNaN(torch.optim.SGD):
                 for p in group["params"]:
                     p.fill_(float("nan"))
         return loss
+
+
+def sgd_without_momentum(params, lr: float, weight_decay: float = 0.0):
+    """A pure SGD variant: its constructor has no `momentum` (runs only the momentum-free cases)."""
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
