@@ -36,8 +36,10 @@ def file_stem(case_id: str) -> str:
 class EpochCheckpoints:
     def __init__(self, directory: Path, case_id: str, fingerprint: dict):
         self.path = Path(directory) / f"{file_stem(case_id)}.pt"
+        self.case_id = case_id
         self.fingerprint = {k: str(v) for k, v in fingerprint.items()}
         self.note = ""  # why an existing checkpoint was not used (shown in the case's message)
+        self.disabled = False
 
     def load(self) -> dict | None:
         """The saved progress, or None (no file, other settings, unreadable: the case restarts)."""
@@ -53,7 +55,27 @@ class EpochCheckpoints:
             return None
         return saved
 
+    def try_save(self, make_record) -> None:
+        """Best effort: a state that cannot be captured or saved (e.g. an optimizer whose state_dict()
+        raises or holds objects torch cannot save) turns checkpointing off for this case, with a note;
+        the case itself goes on as if it had never checkpointed."""
+        if self.disabled:
+            return
+        try:
+            record = make_record()
+            self.save(**record)
+        except Exception as exc:
+            self.disabled = True
+            self.clear()
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"{self.case_id}: checkpointing off for this case ({type(exc).__name__}: {first}); "
+                  f"a resume restarts it", file=sys.stderr)
+            return
+        _maybe_stop_for_test()
+
     def save(self, *, seed_index: int, epoch: int, finished_rows: list, rows: list, state: dict) -> None:
+        # Plain Python values only (an observer may hand back numpy scalars, which weights_only refuses).
+        finished_rows, rows = _plain(finished_rows), _plain(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         os.close(fd)
@@ -64,14 +86,23 @@ class EpochCheckpoints:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _maybe_stop_for_test()
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-        try:
-            self.path.parent.rmdir()  # only when no other case left one
-        except OSError:
-            pass
+        clear(self.path.parent, self.case_id)
+
+
+def clear(directory: Path, case_id: str) -> None:
+    """Remove a case's checkpoint (once its rows are stored), and the folder when it is empty."""
+    directory = Path(directory)
+    (directory / f"{file_stem(case_id)}.pt").unlink(missing_ok=True)
+    try:
+        directory.rmdir()  # only when no other case left one
+    except OSError:
+        pass
+
+
+def _plain(rows: list) -> list:
+    return [(str(c), str(a), int(s), int(t), str(m), float(v)) for c, a, s, t, m, v in rows]
 
 
 _written = 0

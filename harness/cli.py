@@ -1,4 +1,4 @@
-"""`python -m harness list | run | report`. Exit codes: 0 every verdict as intended, 1 a verdict
+"""`python -m harness list | run | matrix | conform | report | baseline`. Exit codes: 0 every verdict as intended, 1 a verdict
 failed or a case ended in error (a run diverged, the optimizer under test raised), 2 bad input
 (unknown case, bad value, an optimizer that cannot be constructed), 130 interrupted (Ctrl-C), 143
 terminated (SIGTERM); each non-zero exit says why in one line on stderr. An interrupted run keeps
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -199,9 +200,10 @@ def _failure_line(statuses: dict, run_dir: Path) -> str | None:
         parts.append(f"{len(by['fail'])} case(s) with verdicts not as intended ({', '.join(by['fail'][:3])}"
                      + (", ..." if len(by["fail"]) > 3 else "") + "; see verdicts.csv)")
     if by["error"]:
+        traced = any(statuses[c].get("traceback") for c in by["error"])
         parts.append(f"{len(by['error'])} case(s) ended in error, nothing judged for them "
                      f"({', '.join(by['error'][:3])}" + (", ..." if len(by["error"]) > 3 else "")
-                     + f"; tracebacks in {run_dir / 'errors'})")
+                     + (f"; tracebacks in {run_dir / 'errors'}" if traced else "; see metadata.json") + ")")
     if by["xpass"]:
         parts.append(f"{len(by['xpass'])} documented non-reproduction(s) passed: remove their xfail "
                      f"({', '.join(by['xpass'][:3])})")
@@ -212,7 +214,11 @@ def cmd_run(args) -> int:
     import os
 
     from harness import progress, registry, report, store
+    from harness.checkpoint import clear as clear_checkpoint
     from harness.checkpoint import file_stem
+    from harness.cifar import DataNotFound
+    from harness.schedules import SettingError
+    from harness.spec import CaseError
     from harness.optim import (DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory,
                                parse_kwargs)
     from harness.runner import RunEnv
@@ -268,7 +274,8 @@ def cmd_run(args) -> int:
     results, verdicts, statuses = [], [], {}
     if meta_before is not None:
         statuses, results, verdicts = _finished(run_dir.path, meta_before)
-        meta = dict(meta_before, resumed=[*meta_before.get("resumed", []), store.utc_now()])
+        meta = dict(meta_before, resumed=[*meta_before.get("resumed", []), dict(
+            at=store.utc_now(), git_commit=store.git_commit(), device_name=store.device_name(meta_before["device"]))])
         print(f"resuming {run_dir.path}: {len(statuses)} of {len(cases)} cases finished before", file=sys.stderr)
     else:
         devices = sorted({env.device_for(c) for c in cases})
@@ -280,6 +287,8 @@ def cmd_run(args) -> int:
     meta.update(status="running", cases=statuses)
     run_dir.write_metadata(meta)
     checkpoints = run_dir.path / "checkpoints"
+    if meta_before is None:  # a fresh run never continues from checkpoints an earlier run left here
+        shutil.rmtree(checkpoints, ignore_errors=True)
     # SIGTERM unwinds like Ctrl-C (only the main thread may install a handler: an embedding
     # caller on another thread keeps its own).
     in_main = threading.current_thread() is threading.main_thread()
@@ -295,21 +304,27 @@ def cmd_run(args) -> int:
                 make_progress=lambda total, unit, initial, cid=case.id: progress.for_case(cid, total, unit,
                                                                                           initial=initial))
             seconds = time.perf_counter() - t0
-            statuses[case.id] = {"status": outcome.status, "seconds": round(seconds, 2),
-                                 "message": outcome.message}
+            entry = {"status": outcome.status, "seconds": round(seconds, 2), "message": outcome.message}
             if outcome.traceback:
                 tb_file = run_dir.path / "errors" / f"{file_stem(case.id)}.txt"
                 store.atomic_write_text(tb_file, f"{case.id}: {outcome.message}\n\n{outcome.traceback}")
-                statuses[case.id]["traceback"] = str(tb_file.relative_to(run_dir.path))
+                entry["traceback"] = str(tb_file.relative_to(run_dir.path))
             results.append(outcome.results)
             verdicts.append(outcome.verdicts)
-            # Rewritten after every case: an interrupted run keeps every finished case, and the
-            # metadata says which (what --resume skips).
+            # Rewritten after every case: an interrupted run keeps every finished case. A case counts
+            # as finished (what --resume skips) only once its rows are on disk; its checkpoint goes
+            # only after that too.
             run_dir.write_results(pd.concat(results, ignore_index=True))
             run_dir.write_verdicts(pd.concat(verdicts, ignore_index=True))
+            statuses[case.id] = entry
             run_dir.write_metadata(meta)
+            clear_checkpoint(checkpoints, case.id)
             tag = outcome.status.upper() + (" (negative control)" if case.negative else "")
             print(f"{tag:28s} {case.id}  {seconds:.1f}s  {outcome.message}".rstrip(), flush=True)
+    except (DataNotFound, SettingError, CaseError):
+        meta.update(status="aborted", cases=statuses)  # bad input found mid-run: exit 2 (main), finished cases kept
+        run_dir.write_metadata(meta)
+        raise
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         meta.update(status="terminated" if terminated else "interrupted", cases=statuses)
@@ -320,7 +335,7 @@ def cmd_run(args) -> int:
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
         if in_main:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
     meta.update(status="finished", cases=statuses)
     run_dir.write_metadata(meta)
     print(_summary(statuses) + f"; results in {run_dir.path}")
@@ -377,7 +392,8 @@ def cmd_conform(args) -> int:
         cert, outcomes = conform.certify(optimizer, args.optimizer_kwargs or "", full=args.full)
     except OptimizerSpecError as exc:
         raise BadInput(str(exc)) from None
-    print(json.dumps(cert, indent=2, default=str) if args.json else conform.render_text(cert), end="")
+    print(json.dumps(conform.json_safe(cert), indent=2, allow_nan=False) + "\n" if args.json
+          else conform.render_text(cert), end="")
     if args.out or args.html:
         run_dir = store.RunDir(args.out or store.default_run_dir("conform"))
         run_dir.write_results(pd.concat([o.results for o in outcomes], ignore_index=True))
@@ -447,3 +463,6 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, UnknownCase, SettingError, CaseError, DataNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # outside `run`'s case loop (which says more itself): one line, no traceback
+        print(f"interrupted: {args.command}", file=sys.stderr)
+        return EXIT_INTERRUPTED

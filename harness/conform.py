@@ -47,10 +47,11 @@ def _ratio(measured: float, tolerance: float, expected: str) -> float:
     """How far a value sits towards its bound: ≤ 1 inside (holds), > 1 past it. NaN: not a bound."""
     if not (math.isfinite(measured) and math.isfinite(tolerance)):
         return math.nan
-    upper = "<" in expected
-    if upper:
+    if "<" in expected:
         return measured / tolerance if tolerance > 0 else (0.0 if measured <= 0 else math.inf)
-    return tolerance / measured if measured > 0 else math.inf
+    if ">" in expected:
+        return tolerance / measured if measured > 0 else math.inf
+    return math.nan  # an equality or another relation: no margin to speak of
 
 
 def worst_margin(verdicts: pd.DataFrame) -> dict | None:
@@ -150,6 +151,17 @@ def render_text(cert: dict) -> str:
     lines += ["", f"Conforms to Definition 1.2 (torch SGD, coupled WD, dampening 0): {verdict}"
               f"   [{cert['seconds']['total']:.1f} s]"]
     return "\n".join(lines) + "\n"
+
+
+def json_safe(obj):
+    """NaN and ±inf (a form not applicable, a bound at 0) become null: the output stays valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _short(text: str, width: int = 160) -> str:

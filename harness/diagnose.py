@@ -216,9 +216,10 @@ class _Prober:
 
     def build(self, params: list, lr: float, momentum: float, weight_decay: float):
         kw = dict(lr=lr, weight_decay=weight_decay, **self.kwargs)
+        group = dict(params=params, lr=lr, weight_decay=weight_decay)  # per-group keys, as the cases pass them
         if self.with_momentum:
-            kw["momentum"] = momentum
-        return self.factory([dict(params=params)], **kw)
+            kw["momentum"] = group["momentum"] = momentum
+        return self.factory([group], **kw)
 
     def record(self, traj: _Trajectory, grad_fn: Callable, lr_factors: tuple[float, ...], opt=None,
                params=None) -> _Trajectory:

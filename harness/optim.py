@@ -60,8 +60,10 @@ def load_factory(spec: str) -> Callable[..., torch.optim.Optimizer]:
         raise OptimizerSpecError(f"--optimizer must look like 'pkg.module:Name', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise OptimizerSpecError(f"--optimizer {spec}: cannot import module {module_name!r} ({exc})") from exc
+    except Exception as exc:  # not found, or the plug-in's module raised while importing
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise OptimizerSpecError(f"--optimizer {spec}: cannot import module {module_name!r} "
+                                 f"({type(exc).__name__}: {first})") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -126,11 +126,11 @@ class ArmState:
         if needs_state and not supports_momentum_buffer_state(self.optimizer):
             raise Unsupported(f"optimizer {optimizer_spec} does not expose torch.optim.SGD's "
                               f"'momentum_buffer' state, which this case seeds before step 1")
+        seeds = [(p, g.lr.initial_buffer(p.detach()).clone()) for g, params in self.groups if g.initial_buffer
+                 for p in params]  # harness arithmetic: outside the guard below
         try:
-            for g, params in self.groups:
-                if g.initial_buffer:
-                    for p in params:
-                        self.optimizer.state[p]["momentum_buffer"] = g.lr.initial_buffer(p.detach()).clone()
+            for p, buf in seeds:
+                self.optimizer.state[p]["momentum_buffer"] = buf
         except Exception as exc:
             raise sut_failure(optimizer_spec, "its state (seeding 'momentum_buffer')", exc) from exc
         self.optimizer_spec = optimizer_spec
@@ -150,9 +150,10 @@ class ArmState:
     def step(self, k: int, x: torch.Tensor, y: torch.Tensor) -> float:
         # Every call into the system under test sits in its own try: an exception there becomes
         # OptimizerFailed (an `error` outcome for this case only). try costs nothing until it raises.
+        lrs = [g.lr(k) for g, _ in self.groups]  # the schedules are harness code: not guarded
         try:  # the harness changes the LR only through param_groups[i]['lr']
-            for i, (g, _) in enumerate(self.groups):
-                self.optimizer.param_groups[i]["lr"] = g.lr(k)
+            for i, lr in enumerate(lrs):
+                self.optimizer.param_groups[i]["lr"] = lr
         except Exception as exc:
             raise sut_failure(self.optimizer_spec, "param_groups (setting 'lr')", exc) from exc
         if self.noise_layers:
@@ -170,10 +171,7 @@ class ArmState:
         loss = nn.functional.cross_entropy(out, y)
         loss.backward()
         if self._pre_step:
-            try:
-                self._before_optimizer_step(k)
-            except Exception as exc:
-                raise sut_failure(self.optimizer_spec, "its state (the 'momentum_buffer' correction)", exc) from exc
+            self._before_optimizer_step(k)
         try:
             self.optimizer.step()
         except Exception as exc:
@@ -192,8 +190,12 @@ class ArmState:
                     p.mul_(1 - g.lr(k) * g.weight_decay)
             coef = g.lr.buffer_correction(k) if g.buffer_correction else None
             if coef is not None:
-                for p in params:
-                    self.optimizer.state[p]["momentum_buffer"].add_(p, alpha=coef)
+                try:  # only the optimizer's state is the system under test here
+                    for p in params:
+                        self.optimizer.state[p]["momentum_buffer"].add_(p, alpha=coef)
+                except Exception as exc:
+                    raise sut_failure(self.optimizer_spec, "its state (the 'momentum_buffer' correction)",
+                                      exc) from exc
 
 
 @torch.no_grad()
@@ -310,14 +312,33 @@ def _capture_state(arms: dict, gens: dict, source, ctx) -> dict:
     }
 
 
+class ResumeFailed(RuntimeError):
+    """A checkpoint could not be loaded into the rebuilt seed: the case starts over instead."""
+
+
+def _on_device(obj, device: torch.device):
+    """The observers' memory comes back on the CPU (map_location): put its tensors where the case runs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _on_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_device(v, device) for v in obj)
+    return obj
+
+
 def _restore_state(state: dict, arms: dict, gens: dict, source, ctx) -> None:
+    try:
+        _load_state(state, arms, gens, source, ctx)
+    except Exception as exc:
+        raise ResumeFailed(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from exc
+
+
+def _load_state(state: dict, arms: dict, gens: dict, source, ctx) -> None:
     for name, a in arms.items():
         saved = state["arms"][name]
         a.model.load_state_dict(saved["model"])
-        try:
-            a.optimizer.load_state_dict(saved["optimizer"])
-        except Exception as exc:
-            raise sut_failure(a.optimizer_spec, "load_state_dict() (resuming from a checkpoint)", exc) from exc
+        a.optimizer.load_state_dict(saved["optimizer"])
         a.updates, a.epoch_loss = saved["updates"], saved["epoch_loss"]
         a.batch_size, a.last_loss = saved["batch_size"], saved["last_loss"]
         for layer, g in zip([m for m in a.noise_layers if m.generator is not None], saved["noise"]):
@@ -328,7 +349,7 @@ def _restore_state(state: dict, arms: dict, gens: dict, source, ctx) -> None:
     if source.aug_gen is not None:
         source.aug_gen.set_state(state["source"]["aug_gen"])
     ctx.state.clear()
-    ctx.state.update(state["observers"])
+    ctx.state.update(_on_device(state["observers"], source.train_x.device))
     ctx.t = state["t"]
 
 
@@ -398,28 +419,38 @@ def work_units(case: Case, env: RunEnv) -> tuple[int, str]:
 
 
 def run_case(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None) -> pd.DataFrame:
-    """Every seed of `case`. `make_progress(total, unit, initial)` gives the progress reporter;
-    with `checkpoint_dir`, an epoch-unit case saves a checkpoint after every epoch, resumes from one
-    it finds there (harness.checkpoint), and removes it when the case ends."""
-    seeds = env.seeds_for(case)
+    """Every seed of `case`. `make_progress(total, unit, initial)` gives the progress reporter.
+    With `checkpoint_dir`, an epoch-unit case saves a checkpoint after every epoch (best effort: a
+    state that cannot be saved turns checkpointing off for the case, with a note) and resumes from
+    one it finds there; the caller removes it (harness.checkpoint.clear) once the case's rows are
+    safely stored."""
     ckpt = saved = None
     if checkpoint_dir is not None and case.unit == "epoch":
         from harness.checkpoint import EpochCheckpoints
+        from harness.store import git_commit
         ckpt = EpochCheckpoints(checkpoint_dir, case.id, dict(
-            case=case.id, seeds=seeds, epochs=env.steps_for(case), dtype=env.dtype_for(case),
+            case=case.id, seeds=env.seeds_for(case), epochs=env.steps_for(case), dtype=env.dtype_for(case),
             device=env.device_for(case), optimizer=env.optimizer, optimizer_kwargs=env.optimizer_kwargs,
-            smoke=env.smoke, torch=torch.__version__))
+            smoke=env.smoke, torch=torch.__version__, commit=git_commit()))
         saved = ckpt.load()
         if ckpt.note:
             print(f"{case.id}: {ckpt.note}", file=sys.stderr)
         elif saved:
-            print(f"{case.id}: resuming seed {seeds[saved['seed_index']]} at epoch {saved['epoch']} of "
-                  f"{env.steps_for(case)} (checkpoint {ckpt.path.name})", file=sys.stderr)
+            print(f"{case.id}: resuming seed {env.seeds_for(case)[saved['seed_index']]} at epoch {saved['epoch']} "
+                  f"of {env.steps_for(case)} (checkpoint {ckpt.path.name})", file=sys.stderr)
+    try:
+        return _run_seeds(case, env, make_progress, ckpt, saved)
+    except ResumeFailed as exc:
+        print(f"{case.id}: checkpoint not usable ({exc}), case restarted", file=sys.stderr)
+        return _run_seeds(case, env, make_progress, ckpt, None)
+
+
+def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None) -> pd.DataFrame:
+    seeds = env.seeds_for(case)
     first = saved["seed_index"] if saved else 0
     rows: list[tuple] = list(saved["finished_rows"]) if saved else []
     total, unit = work_units(case, env)
-    per_seed = total // len(seeds)
-    done = first * per_seed + (saved["epoch"] * len(case.arms) if saved else 0)
+    done = first * (total // len(seeds)) + (saved["epoch"] * len(case.arms) if saved else 0)
     progress = make_progress(total, unit, done) if make_progress else progress_mod.NULL
     try:
         for i, seed in enumerate(seeds):
@@ -428,7 +459,8 @@ def run_case(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None
             on_epoch = None
             if ckpt is not None:
                 def on_epoch(epoch, seed_rows, capture, i=i, finished=list(rows)):
-                    ckpt.save(seed_index=i, epoch=epoch, finished_rows=finished, rows=seed_rows, state=capture())
+                    ckpt.try_save(lambda: dict(seed_index=i, epoch=epoch, finished_rows=finished, rows=seed_rows,
+                                               state=capture()))
             try:
                 rows.extend(run_seed(case, seed, env, progress=progress, on_epoch=on_epoch,
                                      resume=saved if (saved and i == first and saved["epoch"] > 0) else None))
@@ -436,9 +468,7 @@ def run_case(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None
                 exc.rows = rows + exc.rows  # keep the earlier seeds' rows too
                 raise
             if ckpt is not None and i + 1 < len(seeds):  # a kill between seeds loses no finished seed
-                ckpt.save(seed_index=i + 1, epoch=0, finished_rows=rows, rows=[], state={})
+                ckpt.try_save(lambda i=i: dict(seed_index=i + 1, epoch=0, finished_rows=rows, rows=[], state={}))
     finally:
         progress.close()
-    if ckpt is not None:
-        ckpt.clear()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)

@@ -1,6 +1,7 @@
 """Run directories: tidy CSV tables and a metadata JSON, each written atomically (temp file in the
 same directory, then rename), so a crash or Ctrl-C leaves every earlier file whole and readable.
-No pickle anywhere.
+No pickle for our data (CSV and JSON here; epoch checkpoints are torch tensor files read back with
+weights_only=True, harness.checkpoint).
 """
 from __future__ import annotations
 

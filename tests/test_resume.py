@@ -167,7 +167,7 @@ def test_resume_at_any_epoch_end_is_bitwise(after_units, tmp_path):
                    make_progress=lambda total, unit, initial: seen.append(initial) or progress.NULL)
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     # The kill lands after an arm's epoch; the checkpoint before it is the last whole epoch.
-    assert seen == [2 * ((after_units - 1) // 2)] and not ckpt.exists()
+    assert seen == [2 * ((after_units - 1) // 2)]
 
 
 def test_a_checkpoint_for_other_settings_is_not_resumed_from(tmp_path, capsys):
@@ -228,3 +228,37 @@ def test_a_run_off_a_terminal_keeps_progress_out_of_stdout_and_tables(tmp_path, 
     out, err = capsys.readouterr()
     assert "progress" not in out and "progress" not in err  # a case under 30 s prints no progress line
     assert set(pd.read_csv(tmp_path / "r" / "results.csv").columns) == {"case", "arm", "seed", "step", "metric", "value"}
+
+
+def test_an_unusable_checkpoint_restarts_the_case(tmp_path, capsys):
+    import torch
+    case, env = _noisy_epoch_case(), RunEnv()
+    ckpt = tmp_path / "checkpoints"
+    with pytest.raises(_Kill):
+        run_case(case, env, make_progress=_killing_progress(6), checkpoint_dir=ckpt)
+    (path,) = ckpt.glob("*.pt")
+    saved = torch.load(path, weights_only=True)
+    del saved["state"]["arms"]["large"]["model"]  # loads, but cannot be put back into the seed
+    torch.save(saved, path)
+    got = run_case(case, env, checkpoint_dir=ckpt)
+    assert "checkpoint not usable (KeyError" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(got, run_case(case, env), check_exact=True)
+
+
+def test_a_state_that_cannot_be_saved_turns_checkpointing_off_not_the_case(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "plugins"))
+    case = _noisy_epoch_case()
+    env = RunEnv(optimizer="buggy_optimizers:StateDictRaises")
+    got = run_case(case, env, checkpoint_dir=tmp_path / "checkpoints")
+    err = capsys.readouterr().err
+    assert "checkpointing off for this case" in err and "raised RuntimeError in state_dict()" in err
+    pd.testing.assert_frame_equal(got, run_case(case, RunEnv()), check_exact=True)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_fresh_run_ignores_checkpoints_left_in_its_directory(tmp_path, capsys):
+    stale = tmp_path / "r" / "checkpoints"
+    stale.mkdir(parents=True)
+    (stale / "old.pt").write_bytes(b"not a checkpoint")
+    assert main(["run", FAST, "--seeds", "0", "--out", str(tmp_path / "r")]) == EXIT_OK
+    assert not stale.exists()

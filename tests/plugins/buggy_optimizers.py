@@ -54,3 +54,10 @@ class ReturnsNaN(torch.optim.SGD):
 def sgd_without_momentum(params, lr: float, weight_decay: float = 0.0):
     """A pure SGD variant: its constructor has no `momentum` (runs only the momentum-free cases)."""
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+class StateDictRaises(torch.optim.SGD):
+    """Trains like SGD, but its state cannot be saved: checkpointing must step aside, not fail the case."""
+
+    def state_dict(self):
+        raise RuntimeError("planted: no state_dict")
