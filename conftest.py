@@ -176,7 +176,7 @@ def record_outcome(request):
             "seconds": round(time.perf_counter() - t0, 2), "device": env.device_for(case),
             "device_name": device_name(env.device_for(case)),  # the worker's torch threads, not the controller's
             "seeds": list(env.seeds_for(case)), "optimizer": env.optimizer, "smoke": env.smoke,
-            "optimizer_kwargs": env.optimizer_kwargs,
+            "optimizer_kwargs": env.kwargs(),
             "dtype": env.dtype, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}))
     return record
 
