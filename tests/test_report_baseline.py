@@ -468,3 +468,36 @@ def test_baseline_keeps_only_the_run_value_when_the_check_changed_or_raises(chan
     rc, _, err = run_cli(capsys, "baseline", "update", toy_run, "--out", tmp_path / "b.csv")
     assert rc == EXIT_OK and warning in one_line(err), err
     assert bl.read(tmp_path / "b.csv").set_index("case").loc["toy-bn-wd-never-converges", "n"] == 1
+
+
+# ---- the top banner: green, amber (documented non-reproductions only), red ------------------------
+
+def _verdicts(rows):
+    return pd.DataFrame([dict(case=c, claim="x", property="p", measured=1.0, expected="< 2", tolerance=2.0,
+                              passed=ok, negative=False, ok=ok, source="s", detail="") for c, ok in rows],
+                        columns=VERDICT_COLUMNS)
+
+
+@pytest.mark.parametrize("rows, statuses, state", [
+    ([("a", True), ("b", True)], {"a": "ok", "b": "ok"}, "green"),
+    ([("a", True), ("b", False)], {"a": "ok", "b": "xfail"}, "amber"),
+    ([("a", False), ("b", False)], {"a": "fail", "b": "xfail"}, "red"),
+    ([("a", False)], {"a": "error"}, "red"),
+])
+def test_top_banner_state(rows, statuses, state):
+    meta = {"cases": {c: {"status": s} for c, s in statuses.items()}}
+    page = report.render(pd.DataFrame(columns=RESULT_COLUMNS), _verdicts(rows), meta)
+    banner = re.search(r"<div class='banner (\w+)' data-state='(\w+)'>(.*?)</div>", page)
+    assert banner.group(2) == state
+    assert banner.group(1) == {"green": "pass", "amber": "warn", "red": "fail"}[state]
+    if state == "amber":
+        assert "b" in banner.group(3) and "documented non-reproduction" in banner.group(3)
+
+
+def test_top_banner_is_red_on_a_baseline_regression_even_when_every_verdict_holds():
+    verdicts = _verdicts([("c", True)]).assign(measured=5e-11, tolerance=1e-9, expected="< 1e-09")
+    comparison = bl.compare(verdicts, pd.DataFrame([ROUNDOFF]), {"profile": "cpu"})
+    assert comparison.failed  # 5e-11 against a 1e-13 baseline: regressed, though the verdict holds
+    page = report.render(pd.DataFrame(columns=RESULT_COLUMNS), verdicts, {"cases": {"c": {"status": "ok"}}},
+                         comparison)
+    assert "data-state='red'" in page and "regression against the baseline" in page
