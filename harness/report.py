@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from harness import baseline as bl
@@ -107,6 +108,10 @@ def register_plot(name: str):
     return deco
 
 
+# Below float32's smallest normal a gap is roundoff's floor or an exact zero: drawn as "0" on log axes.
+ZERO_BELOW = float(np.finfo(np.float32).tiny)
+
+
 def line_plot(sel: pd.DataFrame, *, x: str = "step", log: bool = False, ylabel: str = "",
               xlabel: str | None = None, bounds: list[float] = (), xscale: float = 1.0):
     """One line per (arm, seed) of `sel` (tidy rows of one metric): one colour per arm."""
@@ -115,16 +120,32 @@ def line_plot(sel: pd.DataFrame, *, x: str = "step", log: bool = False, ylabel: 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     arms = list(dict.fromkeys(sel.arm))
     labelled = set()
+    values_all = pd.to_numeric(sel.value, errors="coerce")
+    # Log axes: exact zeros (bitwise-equal arms) and denormals would stretch the axis to 1e-314. They
+    # are drawn at a floor a decade below the smallest normal positive value, with their own marker.
+    positive = values_all[(values_all >= ZERO_BELOW) & np.isfinite(values_all)]
+    floor = (positive.min() / 10 if len(positive) else 1e-16) if log else None
+    zeros_drawn = False
     for (arm, seed), grp in sel.groupby(["arm", "seed"], sort=False):
         grp = grp.sort_values(x)
-        values = grp.value.clip(lower=1e-300) if log else grp.value
-        ax.plot(grp[x] / xscale, values, lw=1, color=colors[arms.index(arm) % len(colors)],
+        color = colors[arms.index(arm) % len(colors)]
+        values = pd.to_numeric(grp.value, errors="coerce")
+        if log:
+            zero = values < ZERO_BELOW
+            values = values.where(~zero)
+            if zero.any():
+                ax.plot(grp[x][zero] / xscale, np.full(int(zero.sum()), floor), ls="none", marker="v", ms=3,
+                        color=color, label=None if zeros_drawn else f"0: bitwise equal (at {floor:.0e})")
+                zeros_drawn = True
+        ax.plot(grp[x] / xscale, values, lw=1, color=color,
                 label=None if arm in labelled else str(arm), alpha=0.9)
         labelled.add(arm)
     for b in sorted(set(bounds)):
         ax.axhline(b, color="#c00", ls="--", lw=1, label=f"bound {b:.3g}")
     if log:
         ax.set_yscale("log")
+        top = max([*positive.tolist(), *[b for b in bounds if b > 0], floor * 10])
+        ax.set_ylim(floor / 3, top * 3)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.3)

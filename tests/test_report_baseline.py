@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -501,3 +502,28 @@ def test_top_banner_is_red_on_a_baseline_regression_even_when_every_verdict_hold
     page = report.render(pd.DataFrame(columns=RESULT_COLUMNS), verdicts, {"cases": {"c": {"status": "ok"}}},
                          comparison)
     assert "data-state='red'" in page and "regression against the baseline" in page
+
+
+# ---- log-scale plots with exact zeros ----------------------------------------------------------------
+
+def test_log_plot_draws_zeros_at_a_stated_floor_and_keeps_the_axis_on_the_data():
+    rows = [("exp", 0, k, v) for k, v in enumerate([0.0, 0.0, 3e-14, 1e-13, 5e-324, 2e-13])]
+    rows += [("twin", 0, k, v) for k, v in enumerate([0.0, 4e-15, 8e-15, 0.0, 1e-14, 3e-14])]
+    sel = pd.DataFrame([dict(case="c", arm=a, seed=s, step=k, metric="batch_gap", value=v) for a, s, k, v in rows])
+    fig = report.line_plot(sel, log=True, bounds=[1e-9])
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo >= float(np.finfo(np.float32).tiny) and 1e-16 < lo < 4e-16  # floor 4e-16, a decade below 4e-15
+    assert 1e-9 < hi < 1e-8  # the bound is shown
+    labels = ax.get_legend_handles_labels()[1]
+    assert sum(lbl.startswith("0: bitwise equal (at 4e-16)") for lbl in labels) == 1  # one legend entry
+    # every zero and the denormal drawn as a marker at the floor
+    markers = [ln for ln in ax.lines if ln.get_marker() == "v"]
+    assert sum(len(ln.get_ydata()) for ln in markers) == 5
+    assert all(np.allclose(ln.get_ydata(), 4e-16) for ln in markers)
+
+
+def test_log_plot_of_only_zeros_has_a_finite_readable_axis():
+    sel = pd.DataFrame([dict(case="c", arm="exp", seed=0, step=k, metric="batch_gap", value=0.0) for k in range(4)])
+    lo, hi = report.line_plot(sel, log=True).axes[0].get_ylim()
+    assert lo >= float(np.finfo(np.float32).tiny) and hi <= 1e-13
