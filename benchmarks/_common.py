@@ -1,7 +1,7 @@
 """Shared set-up for the asv suite (no benchmarks here: asv only collects time_/peakmem_/track_ names).
 
 * The harness is imported from the checkout the suite belongs to (or from $LRC_BENCH_ROOT, which is
-  how the README compares against main without reinstalling anything): asv's "existing" environment
+  how docs/benchmarks.md compares against main without reinstalling anything): asv's "existing" environment
   never installs the project, and the venv need not hold an editable install of it.
 * torch runs on LRC_BENCH_THREADS threads (default 1): the CPU profile runs at 1 thread per
   pytest-xdist worker, and a single thread keeps timings stable on a shared 2-core machine.

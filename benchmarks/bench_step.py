@@ -2,7 +2,7 @@
 
 Model, arms, batch and probe are built in setup (outside the timed region) the way
 harness.runner.run_seed builds them; the timed code is the harness's own ArmState.step and
-observers. Times are CPU seconds (_common.TIMER); the README quotes them in ms. All figures are
+observers. Times are CPU seconds (_common.TIMER); docs/benchmarks.md quotes them in ms. All figures are
 lower-is-better.
 """
 from ._common import (CYCLE, MODEL_CASES, QUICK, TIMER, RawLoop, amortized_observer_seconds, best_of,

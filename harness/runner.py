@@ -102,7 +102,7 @@ class ArmState:
             self.other_params = []
         # One optimizer group per distinct Group: when SI and other parameters train alike (the WD
         # arms) one group does the work of two (SGD is per parameter, so the numbers are the same)
-        # and the harness's per-step overhead stays within its budget (README, Benchmarks).
+        # and the harness's per-step overhead stays within its budget (docs/benchmarks.md).
         self.groups: list[tuple[Group, list[nn.Parameter]]] = []
         if self.other_params and spec.other == spec.si:
             self.groups.append((spec.si, self.si_params + self.other_params))

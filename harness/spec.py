@@ -15,7 +15,7 @@ DTYPES = ("float64", "float32")
 UNITS = ("step", "epoch")
 # The function gap of the exact cases: every step on the training batch ('batch_gap', free: the
 # training forward computed it) and every PROBE_EVERY steps, plus the last, on the fixed probe
-# ('train_gap'). Measured (README, Benchmarks): one probe forward costs 1–4× a lock-step update, so
+# ('train_gap'). Measured (docs/benchmarks.md): one probe forward costs 1–4× a lock-step update, so
 # probing every step would triple it; every 25th keeps measurements inside the 10% budget.
 PROBE_EVERY = 25
 FUNCTION_GAP = ("batch_gap", ("train_gap", {"every": PROBE_EVERY}))
