@@ -53,6 +53,9 @@ details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:bold}
 .legend td{font-size:12px}
 .cases{display:flex;flex-wrap:wrap;gap:0 1.5em}.case{flex:0 0 auto}
 ul.toc{columns:2;font-size:13px}
+table.scoreboard td{font-size:13px}td.s-ok{background:#e3f4e5}td.s-xfail{background:#fff6d6}
+td.s-fail{background:#fde2e2;font-weight:bold}td.s-not-run{color:#777}td.margin{font-size:12px}
+details.plots>summary{font-weight:normal;color:#335}
 """
 
 
@@ -75,10 +78,17 @@ def _pyplot():
 
 
 def _png(fig) -> str:
+    """A palette PNG: line plots hold a few dozen colours, so an adaptive 128-colour palette keeps them
+    visually identical at about a third of the RGBA size (the page stays self-contained)."""
+    from PIL import Image
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     _pyplot().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    buf.seek(0)
+    small = io.BytesIO()
+    Image.open(buf).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(
+        small, format="png", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
 
 
 def _figure_html(fig, alt: str, caption: str) -> str:
@@ -378,16 +388,57 @@ def _truthy(x) -> bool:
     return str(x).strip().lower() in ("true", "1", "yes")
 
 
-def _toc_entry(i: int, claim: str, cv: pd.DataFrame, comparison) -> str:
+def _profile_of(case_id: str) -> str:
+    from harness import registry
+    case = registry.all_cases().get(str(case_id).split("[")[0])  # matrix cells: their base case
+    return case.profile if case is not None else "cpu"
+
+
+def _state(cv: pd.DataFrame, cases_meta: dict) -> str:
+    """A claim's (or a profile's) verdicts in one word: ok / xfail / FAIL."""
     ok = cv.ok.astype(bool)
-    text = f"{int(ok.sum())}/{len(cv)} as intended"
-    if comparison is not None:
-        rows = [comparison.rows.get((str(r.case), str(r.property))) for r in cv.itertuples()]
-        bad = [r.status for r in rows if r is not None and r.status in bl.FAILING]
-        new = sum(1 for r in rows if r is not None and r.status == "new")
-        text += (f", {len(bad)} changed ({', '.join(sorted(set(bad)))})" if bad else ", no change") \
-            + (f", {new} new" if new else "")
-    return f"<li><a href='#claim-{i}'>{_e(claim)}</a>: {_e(text)}</li>"
+    bad = set(cv.case[~ok])
+    if not bad:
+        return "ok"
+    status = {c: (v.get("status") if isinstance(v, dict) else None) for c, v in cases_meta.items()}
+    return "xfail" if all(status.get(c) == "xfail" for c in bad) else "FAIL"
+
+
+def _changes(cv: pd.DataFrame, comparison) -> list[str]:
+    if comparison is None:
+        return []
+    rows = [comparison.rows.get((str(r.case), str(r.property))) for r in cv.itertuples()]
+    return [r.status for r in rows if r is not None and r.status in bl.FAILING]
+
+
+def _needs_attention(cv: pd.DataFrame, cases_meta: dict, comparison) -> bool:
+    return _state(cv, cases_meta) == "FAIL" or bool(_changes(cv, comparison))
+
+
+def _scoreboard(claims: list, cases_meta: dict, comparison) -> list[str]:
+    """The first screen: one row per claim, its CPU and GPU status, the positive verdict closest to
+    its bound, and the change against the baseline."""
+    from harness.conform import _margin_text, worst_margin
+    parts = ["<table class='scoreboard'><tr><th>claim</th><th>CPU</th><th>GPU</th>"
+             "<th>closest to its bound (positive cases)</th><th>against the baseline</th></tr>"]
+    for i, (claim, cv) in enumerate(claims):
+        profiles = cv.case.map(_profile_of)
+        cells = []
+        for prof in ("cpu", "gpu"):
+            sel = cv[profiles == prof]
+            state = _state(sel, cases_meta) if len(sel) else "not run"
+            cells.append(f"<td class='state s-{_e(state.lower().replace(' ', '-'))}'>{_e(state)}"
+                         + (f" <small>{int(sel.ok.astype(bool).sum())}/{len(sel)}</small>" if len(sel) else "")
+                         + "</td>")
+        margin = _margin_text(worst_margin(cv[~cv.negative.map(_truthy)]))
+        changed = _changes(cv, comparison)
+        change = ("no baseline" if comparison is None else
+                  f"{len(changed)} changed ({', '.join(sorted(set(changed)))})" if changed else "unchanged")
+        parts.append(f"<tr class='score' data-claim='{_e(claim)}'><td><a href='#claim-{i}'>{_e(claim)}</a></td>"
+                     + "".join(cells) + f"<td class='margin'>{_e(margin)}</td>"
+                     f"<td class='{'m-regressed' if changed else ''}'>{_e(change)}</td></tr>")
+    parts.append("</table>")
+    return parts
 
 
 def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison=None,
@@ -414,16 +465,15 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
     else:
         parts.append("<div class='banner info'>No baseline comparison (no baseline for this run's profile, "
                      "or a smoke run).</div>")
+    claims = list(verdicts.groupby("claim", sort=True))
+    cases_meta = meta.get("cases", {}) if isinstance(meta.get("cases"), dict) else {}
+    if claims:
+        parts.extend(_scoreboard(claims, cases_meta, comparison))
     if isinstance(meta.get("certificate"), dict):
         parts.extend(_certificate_section(meta["certificate"]))
     parts.extend(_meta_table(meta))
     parts.append(_legend())
-    cases_meta = meta.get("cases", {}) if isinstance(meta.get("cases"), dict) else {}
     has_base = comparison is not None
-    claims = list(verdicts.groupby("claim", sort=True))
-    if len(claims) > 1:
-        parts.append("<ul class='toc'>" + "".join(_toc_entry(i, claim, cv, comparison)
-                                                    for i, (claim, cv) in enumerate(claims)) + "</ul>")
     for i, (claim, claim_verdicts) in enumerate(claims):
         parts.append(f"<h2 id='claim-{i}'>{_e(claim)}</h2>")
         chart, omitted = margin_chart(claim_verdicts, comparison)
@@ -466,7 +516,10 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
             parts.append(f"<tr class='{'ok' if good else 'bad'}'{status_attr}>{cells}"
                          f"<td class='src'>{_e(r.source)}</td></tr>")
         parts.append("</table></div>")
-        parts.append("<div class='cases'>")
+        # Plots are folded; a claim with something unexpected or a baseline change opens its own.
+        attention = _needs_attention(claim_verdicts, cases_meta, comparison)
+        parts.append(f"<details class='plots'{' open' if attention else ''}><summary>plots of "
+                     f"{claim_verdicts.case.nunique()} case(s)</summary><div class='cases'>")
         for case_id in claim_verdicts.case.unique():
             figs = case_figures(results, case_id, claim_verdicts[claim_verdicts.case == case_id])
             if figs:
@@ -475,7 +528,7 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
                              + (f" <small>({_e(secs)} s)</small>" if secs else "") + "</h3>")
                 parts.extend(figs)
                 parts.append("</div>")
-        parts.append("</div>")
+        parts.append("</div></details>")
     if comparison is not None and comparison.gone:
         parts.append("<h2>Baseline rows not in this run</h2><p>Not a failure: the run covered fewer cases "
                      "(or a case or property was renamed or removed; then update the baseline).</p>"

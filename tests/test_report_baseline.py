@@ -527,3 +527,30 @@ def test_log_plot_of_only_zeros_has_a_finite_readable_axis():
     sel = pd.DataFrame([dict(case="c", arm="exp", seed=0, step=k, metric="batch_gap", value=0.0) for k in range(4)])
     lo, hi = report.line_plot(sel, log=True).axes[0].get_ylim()
     assert lo >= float(np.finfo(np.float32).tiny) and hi <= 1e-13
+
+
+def test_scoreboard_has_one_row_per_claim_and_folds_plots_unless_attention(good_report):
+    page = good_report
+    rows = re.findall(r"<tr class='score' data-claim='([^']+)'>", page)
+    verdict_claims = set(re.findall(r"<h2 id='claim-\d+'>([^<]+)</h2>", page))
+    assert rows and len(rows) == len(set(rows)) and set(rows) == verdict_claims
+    assert page.index("class='scoreboard'") < page.index("<table class='meta'>")  # first screen
+    assert "<details class='plots'><summary>" in page  # healthy claims: plots folded
+
+
+@pytest.fixture(scope="module")
+def good_report(real_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("score") / "r.html"
+    report.write_report(real_run / "run", out, real_run / "base.csv")
+    return out.read_text()
+
+
+def test_a_regression_opens_its_claims_plots(real_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(real_run / "run", run)
+    verdicts = pd.read_csv(run / "verdicts.csv")
+    verdicts.loc[(verdicts.case == LN) & (verdicts.property == "function_gap"), "measured"] = 5e-11
+    verdicts.to_csv(run / "verdicts.csv", index=False)
+    run_cli(capsys, "report", run, "--baseline", real_run / "base.csv", "--html", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "<details class='plots' open>" in page and "1 changed (regressed)" in page
