@@ -1,4 +1,4 @@
-"""`python -m harness list | run | matrix | conform | report | baseline`. Exit codes: 0 every verdict as intended, 1 a verdict
+"""`python -m harness list | run | matrix | conform | report | history | baseline`. Exit codes: 0 every verdict as intended, 1 a verdict
 failed or a case ended in error (a run diverged, the optimizer under test raised), 2 bad input
 (unknown case, bad value, an optimizer that cannot be constructed), 130 interrupted (Ctrl-C), 143
 terminated (SIGTERM); each non-zero exit says why in one line on stderr. An interrupted run keeps
@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compare with this baseline (default: baselines/<profile>.csv when it exists); "
                           "exit 1 when a verdict flipped or a value left its band")
     rep.add_argument("--no-baseline", action="store_true", help="no baseline comparison")
+    rep.add_argument("--history", type=Path, metavar="DIR",
+                     help="add a trend section from this history (harness history add): each property over the "
+                          "runs of the same machine class, optimizer and dtype, with sustained shifts flagged (amber)")
+
+    hist = sub.add_parser("history", help="the append-only history of finished runs (SQLite, DIR/history.sqlite)")
+    hist_sub = hist.add_subparsers(dest="history_command", metavar="add", required=True, parser_class=OneLineErrors)
+    hadd = hist_sub.add_parser("add", help="append a finished run (refused twice, and for smoke or unfinished runs)")
+    hadd.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    hadd.add_argument("--into", type=Path, metavar="DIR", help="history directory (default .history/)")
 
     base = sub.add_parser("baseline", help="write baselines/<profile>.csv from run directories")
     base_sub = base.add_subparsers(dest="baseline_command", metavar="update", required=True,
@@ -420,11 +429,12 @@ def cmd_report(args) -> int:
         raise BadInput("--baseline FILE and --no-baseline exclude each other")
     out = args.html or args.run_dir / "report.html"
     baseline = None if args.no_baseline else (args.baseline or report.AUTO)
+    from harness.history import HistoryError
     try:
-        comparison = report.write_report(args.run_dir, out, baseline, strict=True)
+        comparison = report.write_report(args.run_dir, out, baseline, strict=True, history=args.history)
     except FileNotFoundError as exc:
         raise BadInput(str(exc)) from None
-    except BaselineError as exc:
+    except (BaselineError, HistoryError) as exc:
         raise BadInput(str(exc)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{args.run_dir}: unreadable run directory ({str(exc).strip().splitlines()[0]})") from None
@@ -434,6 +444,16 @@ def cmd_report(args) -> int:
         if comparison.failed:
             print(comparison.failure_line(), file=sys.stderr)
             return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_history(args) -> int:
+    from harness import history
+    try:
+        run_id, n = history.add(args.run_dir, args.into)
+    except history.HistoryError as exc:
+        raise BadInput(str(exc)) from None
+    print(f"history {history.db_path(args.into)}: run {run_id} added ({n} verdicts)")
     return EXIT_OK
 
 
@@ -459,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return {"list": cmd_list, "run": cmd_run, "matrix": cmd_matrix, "conform": cmd_conform,
-                "report": cmd_report, "baseline": cmd_baseline}[args.command](args)
+                "report": cmd_report, "history": cmd_history, "baseline": cmd_baseline}[args.command](args)
     except (BadInput, UnknownCase, SettingError, CaseError, DataNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -193,14 +193,18 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         raise HistoryError(f"history {path}: cannot open ({_line(exc)})") from None
 
 
-def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
+def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
+    """False for an empty database (the first add failed and rolled back); raises on a foreign one."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise HistoryError(f"history {path}: schema version {version} is newer than this harness's "
                            f"{SCHEMA_VERSION}; update the harness")
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables and version == 0:
+        return False
     if not {"runs", "verdicts"} <= tables:
         raise HistoryError(f"history {path}: not a run history (no runs/verdicts tables)")
+    return True
 
 
 def add(run_dir: Path | str, into: Path | str | None = None) -> tuple[str, int]:
@@ -210,9 +214,10 @@ def add(run_dir: Path | str, into: Path | str | None = None) -> tuple[str, int]:
     rid = run_id(meta)
     where = str(run_dir)
     kwargs = meta.get("optimizer_kwargs")
+    versions = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
     run_row = (rid, str(meta["created"]), meta.get("git_commit"), machine(meta), meta.get("device"),
-               (meta.get("versions") or {}).get("torch") if isinstance(meta.get("versions"), dict) else None,
-               meta.get("optimizer"), json.dumps(kwargs if kwargs is not None else {}, sort_keys=True, default=str),
+               versions.get("torch"), meta.get("optimizer"),
+               json.dumps(kwargs if kwargs is not None else {}, sort_keys=True, default=str),
                meta.get("dtype"), meta.get("profile"), utc_now())
     run_row = tuple(None if v is None else str(v) for v in run_row)
     n = len(verdicts)
@@ -284,7 +289,8 @@ def load(into: Path | str | None = None) -> pd.DataFrame:
         return _empty()
     conn = _connect(path, readonly=True)
     try:
-        _check_schema(conn, path)
+        if not _check_schema(conn, path):
+            return _empty()
         cols = ", ".join([f"r.{c}" for c in RUN_COLUMNS] + [f'v."{c}"' for c in VERDICT_COLUMNS])
         frame = pd.read_sql(f"SELECT {cols} FROM verdicts v JOIN runs r ON r.run_id = v.run_id "
                             f"ORDER BY r.created, r.run_id, v.rowid", conn)
@@ -390,7 +396,8 @@ def _judge(g: pd.DataFrame, min_before: int, min_after: int) -> dict:
     is_safe = all(baseline.safe(float(v), float(t), b) for v, t, b in zip(values, tols, better))
     out["scale"] = "safe" if is_safe else scale
     if n < 2:
-        out["detail"] = f"1 run: needs ≥ {min_before + min_after} ({min_before} before and {min_after} after a change)" + note
+        out["detail"] = (f"1 run: needs ≥ {min_before + min_after} ({min_before} before and {min_after} "
+                         f"after a change)" + note)
         return out
     y = np.log10(values) if scale == "log" else values
     k, sse = _best_split(y)

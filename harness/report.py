@@ -308,10 +308,11 @@ def _meta_table(meta: dict) -> list[str]:
     return parts
 
 
-def _top_banner(verdicts: pd.DataFrame, meta: dict, comparison) -> str:
+def _top_banner(verdicts: pd.DataFrame, meta: dict, comparison, trend=None) -> str:
     """Green: every verdict as intended. Amber: as intended apart from documented non-reproductions
-    (cases whose status is xfail), listed by name. Red: anything unexpected, or a regression against
-    the baseline. A red page on a healthy run would teach people to ignore red."""
+    (cases whose status is xfail), listed by name, or a sustained shift in the history's trend while
+    every value still passes. Red: anything unexpected, or a regression against the baseline. A red
+    page on a healthy run would teach people to ignore red."""
     if verdicts.empty:
         return "<div class='banner info' data-state='empty'><b>No verdicts in this run.</b></div>"
     ok = verdicts.ok.astype(bool)
@@ -330,11 +331,60 @@ def _top_banner(verdicts: pd.DataFrame, meta: dict, comparison) -> str:
         if regressed:
             why.append("a regression against the baseline (below)")
         return f"<div class='banner fail' data-state='red'><b>{_e(head)}</b>: {_e('; '.join(why))}.{_e(note)}</div>"
-    if documented:
-        return (f"<div class='banner warn' data-state='amber'><b>As intended apart from {len(documented)} documented "
-                f"non-reproduction(s)</b>: {_e(', '.join(documented))} (expected to fail at this scale, with the "
-                f"measured numbers in their rows). {_e(head)}.{_e(note)}</div>")
+    shifted = [] if trend is None else [f"{r.case}/{r.property}" for r in trend.shifts[trend.shifts.flagged].itertuples()]
+    if documented or shifted:
+        why = []
+        if documented:
+            why.append(f"{len(documented)} documented non-reproduction(s): {', '.join(documented)} (expected to fail "
+                       f"at this scale, with the measured numbers in their rows)")
+        if shifted:
+            why.append(f"{len(shifted)} sustained shift(s) in the trend: {', '.join(shifted[:6])}"
+                       + (", …" if len(shifted) > 6 else "") + " (every value still passes; see Trend)")
+        return (f"<div class='banner warn' data-state='amber'><b>As intended apart from</b> "
+                f"{_e('; '.join(why))}. {_e(head)}.{_e(note)}</div>")
     return f"<div class='banner pass' data-state='green'><b>{_e(head)}</b>.{_e(note)}</div>"
+
+
+def _trend_section(trend: "Trend", comparison) -> list[str]:
+    """Each flagged property's value over the comparable runs, with its tolerance and baseline band;
+    then every property's trend summary, folded."""
+    runs = list(dict.fromkeys(trend.series.sort_values(["created", "run_id"]).run_id))
+    flagged = trend.shifts[trend.shifts.flagged]
+    parts = [f"<h2 id='trend'>Trend over {len(runs)} run(s)</h2>",
+             f"<p>Runs compared: {_e(trend.key)}. A sustained shift (a step in the values kept by at least two "
+             f"runs, larger than the seed noise and the band's floor; harness.history) is flagged even while every "
+             f"value passes.</p>",
+             f"<div class='banner {'warn' if len(flagged) else 'pass'}' data-trend='{len(flagged)}'>"
+             f"<b>{len(flagged)} sustained shift(s)</b> among {len(trend.shifts)} properties.</div>"]
+    plt = _pyplot()
+    for r in flagged.itertuples():
+        s = trend.series[(trend.series.case == r.case) & (trend.series.property == r.property)]
+        s = s.assign(i=s.run_id.map({rid: i for i, rid in enumerate(runs)})).sort_values("i")
+        fig, ax = plt.subplots(figsize=(4.0, 2.7), dpi=100)
+        ax.plot(s.i, s.measured, marker="o", ms=3, lw=1, label="measured")
+        tol = s.tolerance.dropna()
+        if len(tol):
+            ax.axhline(float(tol.iloc[-1]), color="#c00", ls="--", lw=1, label=f"bound {float(tol.iloc[-1]):.3g}")
+        crow = comparison.rows.get((str(r.case), str(r.property))) if comparison is not None else None
+        if crow is not None and crow.band is not None:
+            ax.axhspan(crow.band.lo, crow.band.hi, color="#9bb7d4", alpha=0.4, label="baseline band")
+        if r.scale == "log":
+            ax.set_yscale("log")
+        ax.set_xlabel("run (oldest first)")
+        ax.set_ylabel(str(r.property))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        parts.append(_figure_html(fig, f"{r.case} {r.property} over the history",
+                                  f"{r.case} / {r.property}: {r.detail}"))
+    parts.append("<details><summary>every property's trend</summary><table class='trend'><tr><th>case</th>"
+                 "<th>property</th><th>runs</th><th>scale</th><th>flagged</th><th>detail</th></tr>")
+    for r in trend.shifts.itertuples():
+        row_cls = " class='bad'" if r.flagged else ""
+        parts.append(f"<tr{row_cls}><td class='id'>{_e(r.case)}</td>"
+                     f"<td class='id'>{_e(r.property)}</td><td class='num'>{_e(r.n)}</td><td>{_e(r.scale)}</td>"
+                     f"<td>{'shift' if r.flagged else ''}</td><td>{_e(r.detail)}</td></tr>")
+    parts.append("</table></details>")
+    return parts
 
 
 def _certificate_section(cert: dict) -> list[str]:
@@ -442,12 +492,12 @@ def _scoreboard(claims: list, cases_meta: dict, comparison) -> list[str]:
 
 
 def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison=None,
-           baseline_error: str | None = None) -> str:
+           baseline_error: str | None = None, trend: "Trend | None" = None) -> str:
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              "<title>lr-conformance report</title>", f"<style>{STYLE}</style></head><body>",
              "<h1>lr-conformance report</h1>"]
-    parts.append(_top_banner(verdicts, meta, comparison))
+    parts.append(_top_banner(verdicts, meta, comparison, trend))
     if comparison is not None:
         cls = "fail" if comparison.failed else "pass"
         parts.append(f"<div class='banner {cls}'><b>Against the baseline: {_e(comparison.summary())}</b>"
@@ -529,6 +579,8 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
                 parts.extend(figs)
                 parts.append("</div>")
         parts.append("</div></details>")
+    if trend is not None:
+        parts.extend(_trend_section(trend, comparison))
     if comparison is not None and comparison.gone:
         parts.append("<h2>Baseline rows not in this run</h2><p>Not a failure: the run covered fewer cases "
                      "(or a case or property was renamed or removed; then update the baseline).</p>"
@@ -549,8 +601,10 @@ def load_comparison(verdicts: pd.DataFrame, meta: dict, path: Path | str) -> "bl
 
 
 def write_report(run_dir: Path | str, out: Path | str, baseline: Path | str | None = AUTO,
-                 strict: bool = False):
-    """Write the report; return the baseline Comparison (None without one).
+                 strict: bool = False, history: Path | str | None = None):
+    """Write the report; return the baseline Comparison (None without one). With `history` (a
+    harness.history directory) the report gains a trend section; an unreadable history raises
+    HistoryError (one line).
 
     baseline: a path, None (no comparison), or AUTO: baselines/<profile>.csv when it exists.
     An unreadable baseline raises BaselineError when it was named or `strict` (the `report`
@@ -566,8 +620,38 @@ def write_report(run_dir: Path | str, out: Path | str, baseline: Path | str | No
             if baseline != AUTO or strict:
                 raise
             error = str(exc)
-    atomic_write_text(Path(out), render(results, verdicts, meta, comparison, error))
+    trend = load_trend(history, verdicts, meta) if history is not None else None
+    atomic_write_text(Path(out), render(results, verdicts, meta, comparison, error, trend))
     return comparison
+
+
+@dataclass
+class Trend:
+    series: pd.DataFrame  # history rows of the runs comparable with this one, this run included
+    shifts: pd.DataFrame  # harness.history.detect_shifts of them
+    key: str  # what "comparable" meant
+
+
+def load_trend(history_dir, verdicts: pd.DataFrame, meta: dict) -> Trend:
+    """The history's runs of the same machine class, optimizer, dtype and profile as this run (values
+    are only comparable within those), with this run appended when it is not in the history yet."""
+    from harness import history as hist
+    h = hist.load(history_dir)
+
+    def text(x) -> str:  # SQLite NULL comes back as None or NaN
+        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
+    machine, optimizer = hist.machine(meta), text(meta.get("optimizer"))
+    dtype, profile = text(meta.get("dtype")), text(meta.get("profile"))
+    keys = pd.DataFrame({c: h[c].map(text) for c in ("machine", "optimizer", "dtype", "profile")})
+    same = h[(keys.machine == machine) & (keys.optimizer == optimizer) & (keys.dtype == dtype)
+             & (keys.profile == profile)]
+    rid = hist.run_id(meta)
+    if rid not in set(same.run_id):
+        now = verdicts.assign(run_id=rid, created=meta.get("created"), git_commit=meta.get("git_commit"),
+                              machine=machine, optimizer=optimizer, dtype=dtype, profile=profile)
+        same = pd.concat([same, now[[c for c in now.columns if c in h.columns]]], ignore_index=True)
+    key = f"machine {machine}, optimizer {optimizer}, dtype {dtype}, profile {profile}"
+    return Trend(same, hist.detect_shifts(same), key)
 
 
 def _register_claim_plots() -> None:

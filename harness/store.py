@@ -82,7 +82,9 @@ def metadata(*, profile: str | None, device: str, dtype: str | None, optimizer: 
         "smoke": smoke,
         "command": command,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "numpy": numpy.__version__, "pandas": pd.__version__},
+                     "cuda": torch.version.cuda, "numpy": numpy.__version__, "pandas": pd.__version__,
+                     # the SIMD kernels torch picked (ATEN_CPU_CAPABILITY): part of the machine class
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
 
 
