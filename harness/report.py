@@ -92,7 +92,10 @@ def _png(fig) -> str:
 
 
 def _figure_html(fig, alt: str, caption: str) -> str:
-    return (f'<figure><img alt="{_e(alt)}" src="{_png(fig)}">'
+    # The lowest y of any log axis, for tests and tools: a zero must never drag it to 1e-314.
+    lows = [ax.get_ylim()[0] for ax in fig.axes if ax.get_yscale() == "log"]
+    ymin = f" data-log-ymin='{min(lows):.3e}'" if lows else ""
+    return (f'<figure{ymin}><img alt="{_e(alt)}" src="{_png(fig)}">'
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
@@ -371,6 +374,7 @@ def _trend_section(trend: "Trend", comparison) -> list[str]:
         if r.scale == "log":
             ax.set_yscale("log")
         ax.set_xlabel("run (oldest first)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel(str(r.property))
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -291,6 +291,57 @@ def test_report_renders_in_chromium(chromium, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+BANNER_FACTS = """JSON.stringify({
+  state: document.querySelector('.banner').dataset.state,
+  scoreRows: Array.from(document.querySelectorAll('table.scoreboard tr.score')).map(r => r.dataset.claim),
+  logYmins: Array.from(document.querySelectorAll('figure[data-log-ymin]')).map(f => parseFloat(f.dataset.logYmin)),
+  openPlots: document.querySelectorAll('details.plots[open]').length
+})"""
+
+
+def test_banner_states_scoreboard_and_log_axes_in_chromium(chromium, tmp_path):
+    """Green (all as intended), amber (a documented non-reproduction only), red (a planted baseline
+    regression); one scoreboard row per claim; no log axis below float32's smallest normal although
+    the gap curves hold exact zeros (bitwise-equal arms at step 0)."""
+    from harness.checks import VERDICT_COLUMNS
+    from harness.runner import RESULT_COLUMNS
+    rows = [("case-a", arm, 0, s, "batch_gap", 0.0 if s < 3 else 1e-14 * s) for arm in ("exp", "twin")
+            for s in range(0, 50)]
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+    def v(case, claim, ok, measured=1e-13):
+        return dict(case=case, claim=claim, property="function_gap", measured=measured, expected="max batch_gap < 1e-09",
+                    tolerance=1e-9, passed=ok, negative=False, ok=ok, source="s", detail="")
+    variants = {
+        "green": ([v("case-a", "claim-1", True), v("case-b", "claim-2", True)], {"case-b": "ok"}, None),
+        "amber": ([v("case-a", "claim-1", True), v("case-b", "claim-2", False)], {"case-b": "xfail"}, None),
+        "red": ([v("case-a", "claim-1", True, 5e-11), v("case-b", "claim-2", True)], {"case-b": "ok"}, 1e-13),
+    }
+    with Chromium(chromium) as browser:
+        for state, (vrows, statuses, base_median) in variants.items():
+            run = store.RunDir(tmp_path / state)
+            run.write_results(results)
+            run.write_verdicts(pd.DataFrame(vrows, columns=VERDICT_COLUMNS))
+            run.write_metadata({"created": "2026-01-01T00:00:00+00:00", "profile": "cpu", "device": "cpu",
+                                "optimizer": "torch.optim:SGD", "status": "finished",
+                                "cases": {"case-a": {"status": "ok"}, **{c: {"status": s} for c, s in statuses.items()}}})
+            base = None
+            if base_median is not None:  # case-a measured 5e-11 now, out of the safe margin: regressed
+                base = tmp_path / "base.csv"
+                pd.DataFrame([dict(case="case-a", property="function_gap", median=base_median, min=base_median,
+                                   max=base_median, n=3, tolerance=1e-9, passed=True, ok=True, negative=False)]
+                             ).to_csv(base, index=False)
+            out = tmp_path / f"{state}.html"
+            report.write_report(run.path, out, base)
+            browser.open(out.as_uri())
+            facts = json.loads(browser.evaluate(BANNER_FACTS))
+            assert browser.problems() == []
+            assert facts["state"] == state, facts
+            assert sorted(facts["scoreRows"]) == ["claim-1", "claim-2"]
+            assert facts["logYmins"] and min(facts["logYmins"]) >= 1.1754944e-38, facts
+            assert facts["openPlots"] == (1 if state == "red" else 0)  # a regression opens its claim
+
+
 def test_the_browser_check_catches_a_broken_page(chromium, tmp_path):
     """The checks above are not vacuous: a missing image and a script error are both reported."""
     page = tmp_path / "broken.html"
