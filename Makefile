@@ -9,7 +9,7 @@ export HARNESS_DATA
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: cpu test matrix clean-venv
+.PHONY: cpu test matrix nightly clean-venv
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -29,6 +29,10 @@ test: .venv/.installed
 # The conformance matrix: matrix.csv + matrix.md under runs/matrix-latest, summary copied to reports/.
 matrix: .venv/.installed
 	$(PY) -m harness matrix --out runs/matrix-latest; rc=$$?; cp runs/matrix-latest/matrix.md reports/matrix.md; exit $$rc
+
+# The nightly job: the CPU profile, history, baseline comparison, report with trends, asv (docs/nightly.md).
+nightly: .venv/.installed
+	scripts/nightly cpu
 
 clean-venv:
 	rm -rf .venv

@@ -317,3 +317,21 @@ def test_report_with_history_flags_the_planted_shift_in_amber_and_nothing_withou
         assert f"{TOY}/never_converges" in page.split("data-state='amber'")[1].split("</div>")[0]
     else:
         assert "data-trend='0'" in page and "data-state='green'" in page
+
+
+def test_the_nightly_script_runs_end_to_end_twice(tmp_path):
+    """scripts/nightly on a subset (the CPU profile takes minutes): run, history add, report with the
+    baseline and the trend, exit with the report's code; the second night sees two runs."""
+    import os
+    import subprocess
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, NIGHTLY_DIR=str(tmp_path), HARNESS_HISTORY=str(tmp_path / "hist"), NIGHTLY_NO_ASV="1",
+               NIGHTLY_CASES=f"{EXACT}", OMP_NUM_THREADS="1")
+    for night in (1, 2):
+        proc = subprocess.run([str(repo / "scripts" / "nightly"), "cpu"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert "added (2 verdicts)" in proc.stdout and "(exit 0)" in proc.stdout
+    page = (tmp_path / "reports" / "nightly-cpu.html").read_text()
+    assert "<h2 id='trend'>Trend over 2 run(s)</h2>" in page and "Against the baseline: 2 unchanged" in page
+    assert len(load(tmp_path / "hist").run_id.unique()) == 2
