@@ -109,11 +109,6 @@ def test_torch_sgd_conforms_and_every_quick_family_holds(sgd_certificate):
     assert meta["certificate"]["conforms"] is True
 
 
-def test_certificate_takes_under_30_s_on_the_cpu(sgd_certificate):
-    cert = sgd_certificate[1]
-    assert cert["seconds"]["total"] < 30, cert["seconds"]
-
-
 def test_third_party_decoupled_wd_is_diagnosed_and_explains_the_failing_family(capsys, tmp_path):
     pytest.importorskip("timm")
     rc, out, _ = run_cli(capsys, "conform", "--optimizer", "timm.optim:SGDW", "--html", tmp_path / "c.html")
