@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from harness.optim import first_line
+
 # Testing hook: after this many checkpoints written by this process, stop it (SIGSTOP) so that a test
 # can kill it at a known epoch with a real signal. Never set in normal use.
 STOP_AFTER_ENV = "HARNESS_STOP_AFTER_CHECKPOINT"
@@ -67,7 +69,7 @@ class EpochCheckpoints:
         except Exception as exc:
             self.disabled = True
             self.clear()
-            first = (str(exc).strip().splitlines() or [""])[0]
+            first = first_line(exc)
             print(f"{self.case_id}: checkpointing off for this case ({type(exc).__name__}: {first}); "
                   f"a resume restarts it", file=sys.stderr)
             return

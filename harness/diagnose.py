@@ -19,14 +19,13 @@ SGDW and SGDP, timm Lars, the hand-written forms of harness.forms; shared 2-core
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from harness.optim import OptimizerSpecError
+from harness.optim import OptimizerSpecError, accepts, first_line
 
 # Relative deviation of the observed trajectory from a form's prediction, below which it matches.
 # Measured (float64): ≤ 4e-16 for torch SGD (for-loop, foreach, fused; nesterov, dampening 0.5),
@@ -197,16 +196,8 @@ def _tangent_grads(k: int, theta: list) -> list[torch.Tensor]:
     return grads
 
 
-def _takes_momentum(factory: Callable) -> bool:
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin): assume SGD's
-        return True
-    return any(p.name == "momentum" or p.kind is p.VAR_KEYWORD for p in params)
-
-
 def _first_line(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
+    first = first_line(exc)
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -331,7 +322,7 @@ def diagnose(factory: Callable, spec: str, kwargs: dict | None = None, *, lr: fl
     clash = sorted(set(kwargs) & {"lr", "momentum", "weight_decay"})
     if clash:
         raise OptimizerSpecError(f"diagnose {spec}: kwargs must not set {', '.join(clash)} (the probes set them)")
-    with_momentum = _takes_momentum(factory)
+    with_momentum = accepts(factory, "momentum")
     h = dict(DEFAULTS, **{k: v for k, v in dict(lr=lr, momentum=momentum, weight_decay=weight_decay).items()
                           if v is not None})
     if not with_momentum:

@@ -22,12 +22,17 @@ class OptimizerSpecError(ValueError):
     pass
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): what one-line reasons show."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 class OptimizerFailed(RuntimeError):
     """The optimizer under test raised. The case ends as an `error` outcome naming the exception's
     type and first line; the run goes on with the other cases. `__cause__` keeps the original."""
 
     def __init__(self, spec: str, where: str, exc: BaseException):
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc)
         super().__init__(f"optimizer {spec} raised {type(exc).__name__} in {where}" + (f": {first}" if first else ""))
         self.where = where
 
@@ -47,7 +52,7 @@ def check_constructible(factory: Callable, spec: str, kwargs: dict | None = None
         make_optimizer(factory, spec, groups, kwargs)
     except OptimizerFailed as exc:  # the plug-in's own constructor raised: nothing could run
         cause = exc.__cause__
-        first = (str(cause).strip().splitlines() or [""])[0]
+        first = first_line(cause)
         extra = f" and {json.dumps(kwargs)}" if kwargs else ""
         raise OptimizerSpecError(f"optimizer {spec} cannot be constructed with torch.optim.SGD's keywords "
                                  f"(params, lr=, momentum=, weight_decay=){extra}: {type(cause).__name__}: {first}") from cause
@@ -61,7 +66,7 @@ def load_factory(spec: str) -> Callable[..., torch.optim.Optimizer]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # not found, or the plug-in's module raised while importing
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc)
         raise OptimizerSpecError(f"--optimizer {spec}: cannot import module {module_name!r} "
                                  f"({type(exc).__name__}: {first})") from exc
     obj: Any = module

@@ -19,7 +19,7 @@ from harness import measurements
 from harness import progress as progress_mod
 from harness.datasets import build_source, slice_draws
 from harness.models import ActivationNoise, build_model
-from harness.optim import (DEFAULT_OPTIMIZER, accepts, load_factory, make_optimizer, parse_kwargs,
+from harness.optim import (DEFAULT_OPTIMIZER, accepts, first_line, load_factory, make_optimizer, parse_kwargs,
                            sut_failure, supports_momentum_buffer_state, supports_nesterov)
 from harness.spec import Arm, Case, Group
 
@@ -331,7 +331,7 @@ def _restore_state(state: dict, arms: dict, gens: dict, source, ctx) -> None:
     try:
         _load_state(state, arms, gens, source, ctx)
     except Exception as exc:
-        raise ResumeFailed(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from exc
+        raise ResumeFailed(f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _load_state(state: dict, arms: dict, gens: dict, source, ctx) -> None:

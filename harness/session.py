@@ -13,7 +13,7 @@ import pandas as pd
 
 from harness.checks import VERDICT_COLUMNS, evaluate
 from harness.cifar import DataNotFound
-from harness.optim import OptimizerFailed
+from harness.optim import OptimizerFailed, first_line
 from harness.runner import RESULT_COLUMNS, Diverged, RunEnv, Unsupported, run_case
 from harness.schedules import SettingError
 from harness.spec import Case, CaseError
@@ -65,7 +65,7 @@ def execute(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None)
         return Outcome(case, empty_results, _unjudged(case, "(optimizer raised)", str(exc)), "error",
                        str(exc), traceback=tb.format_exc())
     except Exception as exc:  # anything else raised inside the case: still this case's error only
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc)
         message = f"{case.id} raised {type(exc).__name__}" + (f": {first}" if first else "")
         return Outcome(case, empty_results, _unjudged(case, "(case raised)", message), "error", message,
                        traceback=tb.format_exc())
