@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from harness.models import ActivationNoise, build_model
 from harness.optim import (DEFAULT_OPTIMIZER, accepts, first_line, load_factory, make_optimizer, parse_kwargs,
                            sut_failure, supports_momentum_buffer_state, supports_nesterov)
 from harness.spec import Arm, Case, Group
+from harness.stack import Stack, to_memory_format, unsupported_reason
 
 RESULT_COLUMNS = ["case", "arm", "seed", "step", "metric", "value"]
 PROBE_SIZE = 64
@@ -51,6 +53,7 @@ class RunEnv:
     dtype: str | None = None  # None: the case's default for its profile
     smoke: bool = False
     seeds: tuple[int, ...] | None = None
+    stack: Stack = Stack()  # training-stack switches (harness.stack), applied to every arm alike
 
     def kwargs(self) -> dict:
         return parse_kwargs(self.optimizer_kwargs)
@@ -59,7 +62,8 @@ class RunEnv:
         return self.device or ("cpu" if case.profile == "cpu" else "cuda")
 
     def dtype_for(self, case: Case) -> str:
-        return self.dtype or case.default_dtype()
+        # Autocast keeps float32 master weights: under bf16/fp16 a float64 case runs in float32.
+        return self.dtype or ("float32" if self.stack.autocast_dtype is not None else case.default_dtype())
 
     def seeds_for(self, case: Case) -> tuple[int, ...]:
         seeds = self.seeds or case.seeds
@@ -83,8 +87,10 @@ def _generator(seed: int) -> torch.Generator:
 
 class ArmState:
     def __init__(self, spec: Arm, model: nn.Module, factory, optimizer_spec: str, requires: tuple[str, ...],
-                 noise_seed: int = 0, optimizer_kwargs: dict | None = None):
-        self.spec, self.model = spec, model
+                 noise_seed: int = 0, optimizer_kwargs: dict | None = None, stack: Stack = Stack()):
+        self.spec, self.model, self.stack = spec, model, stack
+        # Micro-batches per update: the arm's own (the accumulation claim) times the stack's.
+        self.micro = spec.accumulate * stack.accumulate
         self.noise_layers = [m for m in model.modules() if isinstance(m, ActivationNoise)]
         if spec.act_noise is not None:
             if not self.noise_layers:
@@ -134,6 +140,13 @@ class ArmState:
         except Exception as exc:
             raise sut_failure(optimizer_spec, "its state (seeding 'momentum_buffer')", exc) from exc
         self.optimizer_spec = optimizer_spec
+        self._optimizer_step = self.optimizer.step
+        if stack.compile_step:
+            self._optimizer_step = torch.compile(self.optimizer.step)
+        if stack.compile:
+            model.compile()  # in place: parameter names and state-dict keys stay as they are
+        self.scaler = torch.amp.GradScaler("cuda") if stack.fp16 else None
+        self.step_seconds: list[float] = []  # wall time per update: compile time shows as spikes
         self.last_loss = float("nan")
         self.last_output: torch.Tensor | None = None
         self.updates = 0  # parameter updates so far (the batch-size claim counts them)
@@ -162,24 +175,56 @@ class ArmState:
                 layer.sigma = sigma
         if not (self._plain_train and all(m.training for m in self._modules)):
             self.model.train()
+        t0 = time.perf_counter()
         try:
             self.optimizer.zero_grad(set_to_none=True)
         except Exception as exc:
             raise sut_failure(self.optimizer_spec, "zero_grad()", exc) from exc
-        out = self.model(x)
+        x = to_memory_format(self.stack, x)
+        if self.micro == 1:
+            with self.stack.autocast(x.device):
+                out = self.model(x)
+                loss = nn.functional.cross_entropy(out, y)
+            self._backward(loss)
+        else:
+            out, loss = self._accumulate(x, y)
         self.last_output = out.detach()  # the 'batch_gap' observer compares arms on it, for free
-        loss = nn.functional.cross_entropy(out, y)
-        loss.backward()
         if self._pre_step:
             self._before_optimizer_step(k)
         try:
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self._optimizer_step()
         except Exception as exc:
             raise sut_failure(self.optimizer_spec, "step()", exc) from exc
+        self.step_seconds.append(time.perf_counter() - t0)
         self.updates += 1
         self.batch_size = len(y)
         self.last_loss = loss.item()
         return self.last_loss
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient accumulation: k equal micro-batches, each loss a mean over its part and divided
+        by k before backward, so the gradient is the mean over the whole batch (the update is the
+        one of the whole batch only for nets without batch statistics: the accumulation claim)."""
+        n, k = len(y), self.micro
+        if n % k:
+            raise Unsupported(f"arm {self.spec.name!r}: a batch of {n} does not split into {k} equal "
+                              f"micro-batches (accumulate={k})")
+        outs, losses = [], []
+        for xs, ys in zip(x.split(n // k), y.split(n // k)):
+            with self.stack.autocast(x.device):
+                out = self.model(xs)
+                loss = nn.functional.cross_entropy(out, ys)
+            self._backward(loss / k)
+            outs.append(out.detach())
+            losses.append(loss.detach())
+        return torch.cat(outs), torch.stack(losses).mean()
 
     @torch.no_grad()
     def _before_optimizer_step(self, k: int) -> None:
@@ -245,10 +290,12 @@ SINGLE = SingleProcess()
 
 
 def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SINGLE, *,
-             progress=progress_mod.NULL, resume: dict | None = None, on_epoch=None) -> list[tuple]:
+             progress=progress_mod.NULL, resume: dict | None = None, on_epoch=None,
+             timings: list | None = None) -> list[tuple]:
     """One seed of a case. Epoch-unit cases: `on_epoch(epoch, rows, capture)` runs after each epoch
     (capture() returns the seed's whole training state), and `resume` (a saved epoch, its rows and
-    state) continues a seed from there: set-up is replayed, then the state loaded over it."""
+    state) continues a seed from there: set-up is replayed, then the state loaded over it. Every
+    update's wall time is appended to `timings` when given."""
     dtype = getattr(torch, env.dtype_for(case))
     device = torch.device(env.device_for(case))
     steps = env.steps_for(case)
@@ -262,14 +309,22 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
                           dtype=dtype, device=device, smoke=env.smoke)
     model0 = build_model(case.model[0], dict(case.model[1]), generator_seed=streams["init"],
                          dtype=dtype, device=device)
+    stack = env.stack
+    if not stack.plain:
+        why = unsupported_reason(stack, model0, device, source.train_x[:1], dtype)
+        if why:
+            raise Unsupported(why)
+        if stack.channels_last:
+            model0 = model0.to(memory_format=torch.channels_last)
     execution.prepare(case, model0, source)
     factory = load_factory(env.optimizer)
     kwargs = env.kwargs()
     arms = {a.name: ArmState(a, arm_model(model0, a, gens["init_noise"]), factory,
-                             env.optimizer, case.requires, noise_seed=streams["act_noise"], optimizer_kwargs=kwargs)
+                             env.optimizer, case.requires, noise_seed=streams["act_noise"], optimizer_kwargs=kwargs,
+                             stack=stack)
             for a in case.arms}
     execution.attach(arms)
-    probe = source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"])
+    probe = to_memory_format(stack, source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"]))
     observers = [measurements.resolve(m) for m in case.measurements]
     ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0,
                           state={})  # `state`: observers' memory between calls
@@ -286,7 +341,22 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
     else:
         rows = _train_steps(case, seed, steps, source, arms, ctx, observers, execution, progress=progress)
     execution.finish(arms)
+    if timings is not None:
+        timings.extend(t for a in arms.values() for t in a.step_seconds)
     return rows
+
+
+def step_timings(seconds: list[float]) -> dict:
+    """Step time apart from compile time: the median update, and the excess over it of the updates
+    that took more than 5× the median plus 1 ms (compilations and recompilations; with a plain stack
+    this is first-touch allocation and scheduler noise, a few ms)."""
+    if not seconds:
+        return {}
+    t = np.asarray(seconds)
+    median = float(np.median(t))
+    spikes = t[t > 5 * median + 1e-3]
+    return {"updates": int(len(t)), "step_ms": round(1e3 * median, 3),
+            "compile_s": round(float((spikes - median).sum()), 2)}
 
 
 def _optimizer_state(arm: ArmState) -> dict:
@@ -449,6 +519,7 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
     seeds = env.seeds_for(case)
     first = saved["seed_index"] if saved else 0
     rows: list[tuple] = list(saved["finished_rows"]) if saved else []
+    seconds: list[float] = []
     total, unit = work_units(case, env)
     done = first * (total // len(seeds)) + (saved["epoch"] * len(case.arms) if saved else 0)
     progress = make_progress(total, unit, done) if make_progress else progress_mod.NULL
@@ -462,7 +533,7 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
                     ckpt.try_save(lambda: dict(seed_index=i, epoch=epoch, finished_rows=finished, rows=seed_rows,
                                                state=capture()))
             try:
-                rows.extend(run_seed(case, seed, env, progress=progress, on_epoch=on_epoch,
+                rows.extend(run_seed(case, seed, env, progress=progress, on_epoch=on_epoch, timings=seconds,
                                      resume=saved if (saved and i == first and saved["epoch"] > 0) else None))
             except Diverged as exc:
                 exc.rows = rows + exc.rows  # keep the earlier seeds' rows too
@@ -471,4 +542,6 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
                 ckpt.try_save(lambda i=i: dict(seed_index=i + 1, epoch=0, finished_rows=rows, rows=[], state={}))
     finally:
         progress.close()
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    table.attrs["timings"] = step_timings(seconds)  # kept apart from the tidy rows (session.Outcome)
+    return table

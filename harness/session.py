@@ -29,6 +29,7 @@ class Outcome:
     status: str  # one of STATUSES
     message: str = ""
     traceback: str = ""  # for an `error` raised inside the case: the whole Python traceback
+    timings: dict | None = None  # median step time and compile time apart (harness.runner.step_timings)
 
 
 def _unjudged(case: Case, expected: str, detail: str) -> pd.DataFrame:
@@ -76,8 +77,18 @@ def execute(case: Case, env: RunEnv, *, make_progress=None, checkpoint_dir=None)
             return Outcome(case, results, empty_verdicts, "error",
                            f"smoke run of {case.id} produced {len(results)} rows for arms "
                            f"{sorted(set(results.arm))} (expected finite rows for {sorted(arms)})")
-        return Outcome(case, results, empty_verdicts, "smoke", f"{len(results)} rows")
+        return Outcome(case, results, empty_verdicts, "smoke", f"{len(results)} rows",
+                       timings=results.attrs.get("timings"))
     verdicts = evaluate(case, results)
+    if not env.stack.plain:  # each verdict says which stack it was made under
+        verdicts["detail"] = verdicts["detail"].astype(str) + f" [stack {env.stack.label}]"
+    timings = results.attrs.get("timings")
+    outcome = _judge(case, results, verdicts)
+    outcome.timings = timings
+    return outcome
+
+
+def _judge(case: Case, results: pd.DataFrame, verdicts: pd.DataFrame) -> Outcome:
     documented = {p.name: p.xfail for p in case.properties if p.xfail}  # per-property non-reproductions
     failed = verdicts[~verdicts.ok.astype(bool)]
     unexpected = failed[~failed.property.isin(documented)]

@@ -69,6 +69,10 @@ class Arm:
     batch_size: Callable[[int], int] | None = None
     # σ of the model's activation noise (models.ActivationNoise) per step or epoch; None: no noise.
     act_noise: Callable[[int], float] | None = None
+    # Micro-batches per update (gradient accumulation): the arm's batch split in this many equal
+    # parts, the gradients of their mean losses averaged (the accumulation claim; --stack
+    # accumulate=k multiplies it).
+    accumulate: int = 1
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,8 @@ def validate(case: Any) -> Case:
                     raise bad(f"arms[{arm.name}].{label}.{flag}", f"the schedule provides no {method}()")
         if not (isinstance(arm.batch_multiplier, int) and arm.batch_multiplier >= 1):
             raise bad(f"arms[{arm.name}].batch_multiplier", f"must be an int >= 1, got {arm.batch_multiplier}")
+        if not (isinstance(arm.accumulate, int) and arm.accumulate >= 1):
+            raise bad(f"arms[{arm.name}].accumulate", f"must be an int >= 1, got {arm.accumulate!r}")
         if not arm.init_scale > 0:
             raise bad(f"arms[{arm.name}].init_scale", f"must be > 0, got {arm.init_scale}")
     if case.unit not in UNITS:
