@@ -38,6 +38,9 @@ def pytest_addoption(parser):
     group.addoption("--smoke", action="store_true",
                     help="run each selected case for a few steps on tiny data: results, no verdicts")
     group.addoption("--seeds", default=None, help="comma-separated seeds overriding the cases' own")
+    group.addoption("--stack", default=None, metavar="S",
+                    help="training-stack switches for every case, as `harness run --stack` "
+                         "(compile, compile_step, bf16, fp16, channels_last, accumulate=K; docs/stack.md)")
     group.addoption("--run-dir", default=None, metavar="DIR",
                     help="write the case tests' results.csv, verdicts.csv and metadata.json here "
                          f"(default: off; {DEFAULT_PYTEST_RUN_DIR} when --report is given)")
@@ -67,7 +70,16 @@ def pytest_configure(config):
     settings.register_profile("thorough", deadline=None, max_examples=300)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
     _check_optimizer(config)
+    _check_stack(config)
     _configure_run_dir(config)
+
+
+def _check_stack(config) -> None:
+    from harness.stack import StackError, parse
+    try:
+        parse(config.getoption("--stack"))
+    except StackError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _check_optimizer(config) -> None:
@@ -116,8 +128,9 @@ def pytest_generate_tests(metafunc):
 def run_env(pytestconfig):
     from harness.optim import DEFAULT_OPTIMIZER
     from harness.runner import RunEnv
+    from harness.stack import parse
     seeds = pytestconfig.getoption("--seeds")
-    return RunEnv(device=pytestconfig.getoption("--device"),
+    return RunEnv(stack=parse(pytestconfig.getoption("--stack")),device=pytestconfig.getoption("--device"),
                   optimizer=pytestconfig.getoption("--optimizer") or DEFAULT_OPTIMIZER,
                   optimizer_kwargs=pytestconfig.getoption("--optimizer-kwargs") or "",
                   smoke=pytestconfig.getoption("--smoke"),
@@ -176,7 +189,7 @@ def record_outcome(request):
             "seconds": round(time.perf_counter() - t0, 2), "device": env.device_for(case),
             "device_name": device_name(env.device_for(case)),  # the worker's torch threads, not the controller's
             "seeds": list(env.seeds_for(case)), "optimizer": env.optimizer, "smoke": env.smoke,
-            "optimizer_kwargs": env.kwargs(),
+            "optimizer_kwargs": env.kwargs(), "stack": env.stack.label, "timings": outcome.timings,
             "dtype": env.dtype, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}))
     return record
 
@@ -249,6 +262,7 @@ class RunDirPlugin:
         names = {i.get("device_name") for i, _ in infos}
         if len(names) == 1 and None not in names:
             meta["device_name"] = names.pop()
+        meta["stack"] = first.get("stack", "plain")
         meta.update(status="finished" if int(exitstatus) in (0, 1) else f"pytest exit {int(exitstatus)}",
                     cases=cases, workers=sorted({i["worker"] for i, _ in infos}))
         run.write_metadata(meta)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", type=_device, help="default: cpu for the cpu profile, cuda for gpu")
     run.add_argument("--dtype", choices=("float64", "float32"), help="override the cases' dtype")
     run.add_argument("--seeds", type=_seeds, help="override the cases' seeds, e.g. 0,1,2")
+    run.add_argument("--stack", metavar="S", default=None,
+                     help="training-stack switches applied to every arm, comma-separated: compile, compile_step, bf16, " 
+                          "fp16 (CUDA), channels_last, accumulate=K (docs/stack.md); default plain")
     run.add_argument("--smoke", action="store_true", help="a few steps on tiny data; results, no verdicts")
     run.add_argument("--include-slow", action="store_true", help="with --profile: include slow cases")
     run.add_argument("--data", metavar="DIR", help="CIFAR-10 data root (default: $HARNESS_DATA)")
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="put a plugged-in optimizer through the matrix (replaces --impl)")
     mat.add_argument("--optimizer-kwargs", metavar="JSON", default=None,
                      help="extra constructor keywords for --optimizer, a JSON object")
+    mat.add_argument("--stack", metavar="S", action="append", default=None,
+                     help="a training stack to cross the cells with (repeatable; 'plain' is the default axis), "
+                          "e.g. --stack plain --stack compile --stack accumulate=4; switches as for `run --stack`")
     mat.add_argument("--out", type=Path, help="default: runs/<UTC time>-matrix")
 
     con = sub.add_parser("conform", help="one optimizer's certificate: its update rule, and which claims hold "
@@ -246,7 +252,7 @@ def cmd_run(args) -> int:
     for cid, parts in cells.items():
         try:
             case, spec = matrix.resolve(*parts)
-        except (matrix.NotApplicable, ValueError) as exc:
+        except (matrix.NotApplicable, ValueError) as exc:  # StackError is a ValueError
             raise BadInput(str(exc)) from None
         if spec and args.optimizer:
             raise BadInput(f"{cid} names implementation {parts[3]!r}; with --optimizer use impl 'plugged'")
@@ -261,6 +267,22 @@ def cmd_run(args) -> int:
         if other:
             raise BadInput(f"--profile {args.profile}: {', '.join(other)} belong to another profile; "
                            f"drop --profile or those cases")
+    from harness.stack import StackError
+    from harness.stack import parse as parse_stack
+    try:
+        stack = parse_stack(args.stack)
+    except StackError as exc:
+        raise BadInput(str(exc)) from None
+    if stack.autocast_dtype is not None and args.dtype == "float64":
+        raise BadInput(f"--stack {stack.label} autocasts from float32 master weights: drop --dtype float64")
+    # Matrix cells carry their own stack ('<case>[<norm>,<dtype>,<impl>,<stack>]'): one per run.
+    cell_stacks = {parts[4] for parts in cells.values() if parts[4] is not None}
+    if cell_stacks and (len(cell_stacks) > 1 or args.stack is not None):
+        if len(cell_stacks) > 1 or stack.label not in cell_stacks:
+            raise BadInput(f"the cells name stacks {', '.join(sorted(cell_stacks))} and --stack says {stack.label}: "
+                           f"one stack per run")
+    if cell_stacks:
+        stack = parse_stack(cell_stacks.pop())
     optimizer = args.optimizer or DEFAULT_OPTIMIZER
     # Every optimizer the run will construct, checked once before any case runs: a plug-in that cannot
     # be built with SGD's keywords is one line and exit 2, not one error per case.
@@ -277,7 +299,7 @@ def cmd_run(args) -> int:
     if args.download:
         os.environ["HARNESS_DOWNLOAD"] = "1"  # read by harness.datasets.cifar10
     env = RunEnv(device=args.device, optimizer=optimizer, dtype=args.dtype, smoke=args.smoke,
-                 seeds=args.seeds, optimizer_kwargs=args.optimizer_kwargs or "")
+                 seeds=args.seeds, optimizer_kwargs=args.optimizer_kwargs or "", stack=stack)
 
     run_dir = store.RunDir(args.out or store.default_run_dir(args.profile))
     results, verdicts, statuses = [], [], {}
@@ -293,6 +315,7 @@ def cmd_run(args) -> int:
                               seeds={c.id: list(env.seeds_for(c)) for c in cases},
                               command=["python", "-m", "harness", *args.argv])
         meta["optimizer_kwargs"] = kwargs
+        meta["stack"] = stack.label
     meta.update(status="running", cases=statuses)
     run_dir.write_metadata(meta)
     checkpoints = run_dir.path / "checkpoints"
@@ -314,6 +337,8 @@ def cmd_run(args) -> int:
                                                                                           initial=initial))
             seconds = time.perf_counter() - t0
             entry = {"status": outcome.status, "seconds": round(seconds, 2), "message": outcome.message}
+            if outcome.timings:  # median update and compile time apart (harness.runner.step_timings)
+                entry["timings"] = outcome.timings
             if outcome.traceback:
                 tb_file = run_dir.path / "errors" / f"{file_stem(case.id)}.txt"
                 store.atomic_write_text(tb_file, f"{case.id}: {outcome.message}\n\n{outcome.traceback}")
@@ -329,7 +354,9 @@ def cmd_run(args) -> int:
             run_dir.write_metadata(meta)
             clear_checkpoint(checkpoints, case.id)
             tag = outcome.status.upper() + (" (negative control)" if case.negative else "")
-            print(f"{tag:28s} {case.id}  {seconds:.1f}s  {outcome.message}".rstrip(), flush=True)
+            compiled = (f" (compile {outcome.timings['compile_s']:.1f}s, step {outcome.timings['step_ms']:.3g} ms)"
+                        if outcome.timings and (stack.compile or stack.compile_step) else "")
+            print(f"{tag:28s} {case.id}  {seconds:.1f}s{compiled}  {outcome.message}".rstrip(), flush=True)
     except (DataNotFound, SettingError, CaseError):
         meta.update(status="aborted", cases=statuses)  # bad input found mid-run: exit 2 (main), finished cases kept
         run_dir.write_metadata(meta)
@@ -374,11 +401,16 @@ def cmd_matrix(args) -> int:
         except OptimizerSpecError as exc:
             raise BadInput(str(exc)) from None
         impls, env = (matrix.PLUGGED,), RunEnv(optimizer=args.optimizer, optimizer_kwargs=args.optimizer_kwargs or "")
-    specs = matrix.cells(case_ids=args.cases or None, norms=args.norm, dtypes=args.dtype, impls=impls)
+    from harness.stack import StackError
+    try:
+        specs = matrix.cells(case_ids=args.cases or None, norms=args.norm, dtypes=args.dtype, impls=impls,
+                             stacks=args.stack or ("plain",))
+    except StackError as exc:
+        raise BadInput(str(exc)) from None
     out = store.RunDir(args.out or store.default_run_dir("matrix")).path
     rows = []
     for spec in specs:
-        rows.append(matrix.run_cell(*spec, env))
+        rows.append(matrix.run_cell(spec, env))
         row = rows[-1]
         print(f"{row['status'].upper():8s} {matrix.cell_id(*spec)}  {row['seconds']}s  "
               + (f"{row['measured']:.3g}" if row['status'] != 'inapplicable' else ''), flush=True)

@@ -18,6 +18,8 @@ import pandas as pd
 from harness.checks import max_below, within_roundoff_floor
 from harness.models import NORMS
 from harness.spec import Case
+from harness.stack import PLAIN as PLAIN_STACK
+from harness.stack import parse as parse_stack
 
 # Implementation switches of torch.optim.SGD, as optimizer factories the harness injects.
 IMPLEMENTATIONS = {"forloop": "harness.optim:sgd_forloop", "foreach": "harness.optim:sgd_foreach",
@@ -52,7 +54,7 @@ FLOAT32_SOURCE = ("float32, first 20 updates: worst gap measured 5.6e-7 over eve
                   "(avx512, avx2, default kernels); bound 1e-5 (17× margin); SGDW ≥ 6.2e-3 there. Later "
                   "updates are chaotic in float32 and kernel-dependent (harness.matrix)")
 
-_CELL = re.compile(r"^(?P<case>[^\[\]]+)\[(?P<norm>\w+),(?P<dtype>\w+),(?P<impl>\w+)\]$")
+_CELL = re.compile(r"^(?P<case>[^\[\]]+)\[(?P<norm>\w+),(?P<dtype>\w+),(?P<impl>\w+)(?:,(?P<stack>[\w+=]+))?\]$")
 
 
 class NotApplicable(ValueError):
@@ -68,8 +70,10 @@ def with_roundoff_twin(case: Case, bound: float, *, source: str = FLOOR_SOURCE) 
         properties=(within_roundoff_floor("train_gap", bound, factor=FLOOR_FACTOR, source=source),))
 
 
-def cell_id(base: str, norm: str, dtype: str, impl: str) -> str:
-    return f"{base}[{norm},{dtype},{impl}]"
+def cell_id(base: str, norm: str, dtype: str, impl: str, stack: str = PLAIN_STACK) -> str:
+    """'<case>[<norm>,<dtype>,<impl>]', and ',<stack>' (its label, switches joined by '+') when the
+    cell runs under a training stack."""
+    return f"{base}[{norm},{dtype},{impl}" + ("" if stack == PLAIN_STACK else f",{stack}") + "]"
 
 
 def make_cell(base: Case, norm: str, dtype: str) -> Case:
@@ -93,27 +97,35 @@ def bases() -> list[Case]:
     return [c for c in registry.all_cases().values() if c.matrix]
 
 
+Cell = tuple  # (base id, norm, dtype, impl, stack label)
+
+
 def cells(*, case_ids: Iterable[str] | None = None, norms: Iterable[str] = NORMS,
-          dtypes: Iterable[str] = DTYPES, impls: Iterable[str] = tuple(IMPLEMENTATIONS)) -> list[tuple[str, str, str, str]]:
-    """(base id, norm, dtype, impl) for every requested combination; n/a ones included."""
+          dtypes: Iterable[str] = DTYPES, impls: Iterable[str] = tuple(IMPLEMENTATIONS),
+          stacks: Iterable[str] = (PLAIN_STACK,)) -> list[Cell]:
+    """(base id, norm, dtype, impl, stack) for every requested combination; n/a ones included.
+    `stacks` are --stack values; each is stored as its canonical label."""
     from harness import registry
     chosen = [registry.get(i) for i in case_ids] if case_ids else bases()
-    return [(c.id, n, d, i) for c, n, d, i in itertools.product(chosen, norms, dtypes, impls)]
+    labels = list(dict.fromkeys(parse_stack(s).label for s in stacks))
+    return [(c.id, n, d, i, st) for c, n, d, i, st in itertools.product(chosen, norms, dtypes, impls, labels)]
 
 
-def parse_cell(text: str) -> tuple[str, str, str, str] | None:
+def parse_cell(text: str) -> Cell | None:
     m = _CELL.match(text)
-    return (m["case"], m["norm"], m["dtype"], m["impl"]) if m else None
+    return (m["case"], m["norm"], m["dtype"], m["impl"], m["stack"] or PLAIN_STACK) if m else None
 
 
-def resolve(base_id: str, norm: str, dtype: str, impl: str) -> tuple[Case, str | None]:
-    """The cell's case and the optimizer spec for its implementation (None: the plugged one)."""
+def resolve(base_id: str, norm: str, dtype: str, impl: str, stack: str = PLAIN_STACK) -> tuple[Case, str | None]:
+    """The cell's case and the optimizer spec for its implementation (None: the plugged one). The
+    stack is the caller's to inject (RunEnv.stack); it is part of the id only."""
     from harness import registry
     if norm not in NORMS or dtype not in DTYPES or impl not in (*IMPLEMENTATIONS, PLUGGED):
-        raise ValueError(f"bad matrix cell {cell_id(base_id, norm, dtype, impl)}: norm in {NORMS}, "
+        raise ValueError(f"bad matrix cell {cell_id(base_id, norm, dtype, impl, stack)}: norm in {NORMS}, "
                          f"dtype in {DTYPES}, impl in {(*IMPLEMENTATIONS, PLUGGED)}")
+    label = parse_stack(stack).label  # StackError (a ValueError) for a malformed one
     case = make_cell(registry.get(base_id), norm, dtype)
-    return dataclasses.replace(case, id=cell_id(base_id, norm, dtype, impl)), IMPLEMENTATIONS.get(impl)
+    return dataclasses.replace(case, id=cell_id(base_id, norm, dtype, impl, label)), IMPLEMENTATIONS.get(impl)
 
 
 def summarize(table: pd.DataFrame) -> str:
@@ -125,8 +137,11 @@ def summarize(table: pd.DataFrame) -> str:
     marks = {"ok": "✓ ", "fail": "✗ ", "error": "✗ "}
     t["entry"] = ["n/a" if s == "inapplicable" else marks.get(s, "– ") + ("" if pd.isna(m) else f"{m:.2g}")
                   for s, m in zip(t.status, t.measured)]
-    grid = t.pivot_table(index=["case", "norm"], columns=["dtype", "impl"], values="entry", aggfunc="first")
-    head = "| case | norm | " + " | ".join(f"{d} {i}" for d, i in grid.columns) + " |"
+    t["stack"] = t["stack"].astype(object).fillna(PLAIN_STACK) if "stack" in t else PLAIN_STACK
+    stacked = bool((t["stack"] != PLAIN_STACK).any())
+    cols = ["dtype", "impl", "stack"] if stacked else ["dtype", "impl"]
+    grid = t.pivot_table(index=["case", "norm"], columns=cols, values="entry", aggfunc="first")
+    head = "| case | norm | " + " | ".join(" ".join(c) for c in grid.columns) + " |"
     lines = ["# Conformance matrix", "",
              "Entry: ✓ conforms / ✗ does not / – skipped / n/a no such combination; then the measured "
              f"value. float64: the worst gap divided by the allowed max({BOUNDS['float64']:g}/{FLOOR_FACTOR:g}, "
@@ -140,32 +155,36 @@ def summarize(table: pd.DataFrame) -> str:
     run = t[t.status.isin(["ok", "fail", "error"])]
     rule = {"float64": f"gap bound {BOUNDS['float64']:g} or {FLOOR_FACTOR:g}× the roundoff twin",
             "float32": f"gap bound {BOUNDS['float32']:g} over the first {FLOAT32_WINDOW} updates"}
-    for (dtype, impl), grp in run.groupby(["dtype", "impl"]):
+    for key, grp in run.groupby(cols):
+        dtype, impl = key[0], key[1]
         n_ok = int((grp.status == "ok").sum())
         verdict = "conforms" if n_ok == len(grp) else f"does NOT conform in {len(grp) - n_ok} cells"
-        lines.append(f"- {impl}, {dtype}: {verdict} ({n_ok}/{len(grp)} cells) at {rule.get(dtype, dtype)}")
+        under = f" under {key[2]}" if stacked else ""
+        lines.append(f"- {impl}, {dtype}{under}: {verdict} ({n_ok}/{len(grp)} cells) at {rule.get(dtype, dtype)}")
     return "\n".join(lines) + "\n"
 
 
-MATRIX_COLUMNS = ["case", "norm", "dtype", "impl", "optimizer", "property", "measured", "tolerance",
+MATRIX_COLUMNS = ["case", "norm", "dtype", "impl", "stack", "optimizer", "property", "measured", "tolerance",
                   "passed", "status", "message", "seconds"]
 
 
-def run_cell(base_id: str, norm: str, dtype: str, impl: str, env) -> dict:
+def run_cell(cell: Cell, env) -> dict:
     """Run one cell under `env` (its optimizer is replaced by the cell's implementation unless the
-    cell is 'plugged') and return its tidy row."""
+    cell is 'plugged', its stack by the cell's) and return its tidy row."""
     import time
 
     from harness.session import execute
-    row = dict(case=base_id, norm=norm, dtype=dtype, impl=impl, optimizer=None, property=None,
+    base_id, norm, dtype, impl, stack = (*cell, PLAIN_STACK)[:5]
+    row = dict(case=base_id, norm=norm, dtype=dtype, impl=impl, stack=stack, optimizer=None, property=None,
                measured=float("nan"), tolerance=float("nan"), passed=None, status="inapplicable",
                message="", seconds=0.0)
     try:
-        case, spec = resolve(base_id, norm, dtype, impl)
+        case, spec = resolve(base_id, norm, dtype, impl, stack)
     except NotApplicable as exc:
         row["message"] = str(exc)
         return row
-    cell_env = dataclasses.replace(env, optimizer=spec) if spec else env
+    cell_env = dataclasses.replace(env, stack=parse_stack(stack))
+    cell_env = dataclasses.replace(cell_env, optimizer=spec) if spec else cell_env
     t0 = time.perf_counter()
     outcome = execute(case, cell_env)
     row.update(optimizer=cell_env.optimizer, status=outcome.status, message=outcome.message,

@@ -62,8 +62,11 @@ class RunEnv:
         return self.device or ("cpu" if case.profile == "cpu" else "cuda")
 
     def dtype_for(self, case: Case) -> str:
-        # Autocast keeps float32 master weights: under bf16/fp16 a float64 case runs in float32.
-        return self.dtype or ("float32" if self.stack.autocast_dtype is not None else case.default_dtype())
+        # Autocast keeps float32 master weights: under bf16/fp16 a case whose dtype is the profile's
+        # default runs in float32 (one that declares float64 is skipped: harness.stack).
+        if self.dtype or case.dtype:
+            return self.dtype or case.dtype
+        return "float32" if self.stack.autocast_dtype is not None else case.default_dtype()
 
     def seeds_for(self, case: Case) -> tuple[int, ...]:
         seeds = self.seeds or case.seeds

@@ -16,7 +16,7 @@ def pytest_generate_tests(metafunc):
     plugged = metafunc.config.getoption("--optimizer")
     impls = (matrix.PLUGGED,) if plugged else tuple(matrix.IMPLEMENTATIONS)
     params = []
-    for spec in matrix.cells(impls=impls):
+    for spec in matrix.cells(impls=impls, stacks=(metafunc.config.getoption("--stack") or "plain",)):
         try:
             matrix.resolve(*spec)
         except matrix.NotApplicable:
@@ -28,7 +28,7 @@ def pytest_generate_tests(metafunc):
 
 
 def test_cell(cell, run_env):
-    row = matrix.run_cell(*cell, run_env)
+    row = matrix.run_cell(cell, run_env)
     if row["status"] == "skipped":
         pytest.skip(row["message"])
     assert row["status"] == "ok", row
@@ -45,7 +45,7 @@ def test_matrix_covers_every_switch():
 def test_decoupled_weight_decay_goes_through_the_same_matrix_and_fails():
     """A plugged-in optimizer gets the same cells; SGDW (decoupled WD) must not conform."""
     env = RunEnv(optimizer="harness.optim:SGDW")
-    rows = [matrix.run_cell("wdexp-zerobuf-cnn-bn", norm, dtype, matrix.PLUGGED, env)
+    rows = [matrix.run_cell(("wdexp-zerobuf-cnn-bn", norm, dtype, matrix.PLUGGED), env)
             for norm in ("bn", "in") for dtype in ("float64", "float32")]
     table = pd.DataFrame(rows, columns=matrix.MATRIX_COLUMNS)
     assert (table.status == "fail").all(), table[["norm", "dtype", "status", "measured"]]
