@@ -61,7 +61,7 @@ LOG_MIN_MARGIN = 1.0  # decades from the bound below which the linear scale is u
 SAFE_DECADES = 2.0  # 100×
 
 COLUMNS = ["profile", "case", "claim", "property", "median", "spread", "min", "max", "n", "tolerance",
-           "expected", "passed", "ok", "negative", "torch", "device_class", "optimizer", "seeds",
+           "expected", "passed", "ok", "negative", "torch", "device_class", "optimizer", "stack", "seeds",
            "created", "git_commit"]
 REQUIRED = ["case", "property", "median", "min", "max", "n", "tolerance", "passed", "ok", "negative"]
 
@@ -92,6 +92,11 @@ def device_class(meta: dict) -> str:
         return "cuda/" + name.split(";")[0].strip()
     m = re.match(r"cpu \(([^,)]+)", name)
     return "cpu/" + (m.group(1) if m else platform.machine())
+
+
+def stack_of(meta: dict) -> str:
+    """The training stack a run was made under (harness.stack label); runs before stacks: plain."""
+    return str(meta.get("stack") or "plain")
 
 
 def default_path(profile) -> Path | None:
@@ -164,6 +169,10 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
         frames.append(verdicts.assign(_run=len(frames)))
         metas.append(meta)
         per_seed.append(_per_seed_values(results, verdicts))
+    stacks = {stack_of(m) for m in metas}
+    if len(stacks) > 1:
+        raise BaselineError(f"the runs differ in training stack ({', '.join(sorted(stacks))}); "
+                            f"a baseline describes one stack")
     for key, label in (("profile", "profile"), ("optimizer", "optimizer")):
         values = {m.get(key) for m in metas}
         if len(values) > 1:
@@ -203,7 +212,7 @@ def aggregate(run_dirs: list[Path]) -> pd.DataFrame:
             n=int(len(finite)), tolerance=float(last["tolerance"]), expected=last["expected"],
             passed=bool(last["passed"]), ok=bool(last["ok"]), negative=bool(last["negative"]),
             torch=meta0.get("versions", {}).get("torch"), device_class=device_class(meta0),
-            optimizer=meta0.get("optimizer"), seeds=";".join(map(str, seeds)),
+            optimizer=meta0.get("optimizer"), stack=stack_of(meta0), seeds=";".join(map(str, seeds)),
             created=max(str(m.get("created")) for m in metas), git_commit=meta0.get("git_commit")))
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -424,6 +433,12 @@ def compare_row(cur: pd.Series, base: pd.Series | None) -> Row:
 
 
 def compare(verdicts: pd.DataFrame, baseline: pd.DataFrame, meta: dict, path: Path | None = None) -> Comparison:
+    base_stack = str(baseline["stack"].iloc[0]) if "stack" in baseline.columns and pd.notna(
+        baseline["stack"].iloc[0]) else "plain"
+    if base_stack != stack_of(meta):  # values under another stack are not a band for this one
+        raise BaselineError(f"baseline {path} was made under the {base_stack} training stack, this run under "
+                            f"{stack_of(meta)}: not comparable (make one from runs under {stack_of(meta)} with "
+                            f"`baseline update`)")
     comp = Comparison(path)
     base_idx = {(r["case"], r["property"]): r for _, r in baseline.iterrows()}
     for _, cur in verdicts.iterrows():
@@ -450,7 +465,7 @@ def resolve(meta: dict, explicit: Path | str | None, use_default: bool = True) -
     """The baseline to compare with: the explicit one, else baselines/<profile>.csv when present."""
     if explicit is not None:
         return Path(explicit)
-    if not use_default or meta.get("smoke"):
-        return None
+    if not use_default or meta.get("smoke") or stack_of(meta) != "plain":
+        return None  # baselines/<profile>.csv is the plain stack's (a stack's report shows it side by side)
     path = default_path(meta.get("profile"))
     return path if path is not None and path.exists() else None

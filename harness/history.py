@@ -70,7 +70,7 @@ LOG_FLOOR = 0.5  # decades
 LINEAR_FLOOR = 0.2  # × |tolerance − before-mean|
 
 RUN_COLUMNS = ["run_id", "created", "git_commit", "machine", "device", "torch", "optimizer",
-               "optimizer_kwargs", "dtype", "profile"]
+               "optimizer_kwargs", "dtype", "profile", "stack"]
 VERDICT_COLUMNS = ["case", "claim", "property", "measured", "tolerance", "expected", "passed", "ok",
                    "negative"]
 COLUMNS = RUN_COLUMNS + VERDICT_COLUMNS
@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS runs (
     optimizer_kwargs TEXT,
     dtype TEXT,
     profile TEXT,
-    added TEXT NOT NULL
+    added TEXT NOT NULL,
+    stack TEXT
 );
 CREATE TABLE IF NOT EXISTS verdicts (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -218,7 +219,7 @@ def add(run_dir: Path | str, into: Path | str | None = None) -> tuple[str, int]:
     run_row = (rid, str(meta["created"]), meta.get("git_commit"), machine(meta), meta.get("device"),
                versions.get("torch"), meta.get("optimizer"),
                json.dumps(kwargs if kwargs is not None else {}, sort_keys=True, default=str),
-               meta.get("dtype"), meta.get("profile"), utc_now())
+               meta.get("dtype"), meta.get("profile"), utc_now(), baseline.stack_of(meta))
     run_row = tuple(None if v is None else str(v) for v in run_row)
     n = len(verdicts)
 
@@ -253,12 +254,14 @@ def add(run_dir: Path | str, into: Path | str | None = None) -> tuple[str, int]:
                 conn.execute(stmt)
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if "stack" not in {r[1] for r in conn.execute("PRAGMA table_info(runs)")}:
+                conn.execute("ALTER TABLE runs ADD COLUMN stack TEXT")  # histories from before stacks: NULL = plain
             _check_schema(conn, path)
             old = conn.execute("SELECT added FROM runs WHERE run_id = ?", (rid,)).fetchone()
             if old is not None:
                 raise HistoryError(f"run {rid} is already in the history {path} (added {old[0]})")
-            conn.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}, added) VALUES ({', '.join('?' * 11)})",
-                         run_row)
+            conn.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS[:-1])}, added, stack) "
+                         f"VALUES ({', '.join('?' * 12)})", run_row)
             conn.executemany('INSERT INTO verdicts (run_id, "case", claim, property, measured, tolerance, '
                              'expected, passed, ok, negative) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)', rows)
             conn.execute("COMMIT")
@@ -291,7 +294,9 @@ def load(into: Path | str | None = None) -> pd.DataFrame:
     try:
         if not _check_schema(conn, path):
             return _empty()
-        cols = ", ".join([f"r.{c}" for c in RUN_COLUMNS] + [f'v."{c}"' for c in VERDICT_COLUMNS])
+        have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}  # a history from before stacks has none
+        cols = ", ".join([f"r.{c}" if c in have else f"NULL AS {c}" for c in RUN_COLUMNS]
+                         + [f'v."{c}"' for c in VERDICT_COLUMNS])
         frame = pd.read_sql(f"SELECT {cols} FROM verdicts v JOIN runs r ON r.run_id = v.run_id "
                             f"ORDER BY r.created, r.run_id, v.rowid", conn)
     except sqlite3.Error as exc:

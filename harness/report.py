@@ -297,7 +297,7 @@ def _seeds_summary(seeds) -> str:
 
 def _meta_table(meta: dict) -> list[str]:
     parts = ["<table class='meta'>"]
-    for key in ("created", "git_commit", "profile", "device", "device_name", "dtype", "optimizer",
+    for key in ("created", "git_commit", "profile", "device", "device_name", "dtype", "optimizer", "stack",
                 "seeds", "smoke", "status", "versions", "command"):
         value = meta.get(key)
         if key == "seeds" and value is not None:
@@ -469,12 +469,38 @@ def _needs_attention(cv: pd.DataFrame, cases_meta: dict, comparison) -> bool:
     return _state(cv, cases_meta) == "FAIL" or bool(_changes(cv, comparison))
 
 
-def _scoreboard(claims: list, cases_meta: dict, comparison) -> list[str]:
+def _against_plain(cv: pd.DataFrame, plain: pd.DataFrame) -> tuple[str, str, bool]:
+    """(the plain stack's state for these verdicts, what changed under this stack, whether any
+    verdict held on the plain stack and not here)."""
+    base = plain.set_index(["case", "property"])
+    keys = list(zip(cv.case.astype(str), cv.property.astype(str)))
+    known = [k for k in keys if k in base.index]
+    if not known:
+        return "no plain-stack baseline row", "", False
+    plain_ok = {k: bool(base.loc[k, "ok"]) for k in known}
+    here_ok = dict(zip(keys, cv.ok.astype(bool)))
+    lost = [f"{c}/{p}" for (c, p) in known if plain_ok[(c, p)] and not here_ok[(c, p)]]
+    gained = [f"{c}/{p}" for (c, p) in known if here_ok[(c, p)] and not plain_ok[(c, p)]]
+    state = f"{sum(plain_ok.values())}/{len(known)} as intended"
+    if lost:
+        change = f"{len(lost)} held on plain, not here: " + ", ".join(lost[:4]) + (", …" if len(lost) > 4 else "")
+    elif gained:
+        change = f"same, and {len(gained)} only here: " + ", ".join(gained[:4])
+    else:
+        change = "same verdicts as on the plain stack"
+    return state, change, bool(lost)
+
+
+def _scoreboard(claims: list, cases_meta: dict, comparison, plain: pd.DataFrame | None = None,
+                stack: str = "plain") -> list[str]:
     """The first screen: one row per claim, its CPU and GPU status, the positive verdict closest to
-    its bound, and the change against the baseline."""
+    its bound, and the change against the baseline. Under a training stack (`plain`: the plain
+    stack's baseline), the plain stack's verdicts side by side instead of a band comparison."""
     from harness.conform import _margin_text, worst_margin
+    last = (f"<th>plain stack (baseline)</th><th>under {_e(stack)}, against the plain stack</th>"
+            if plain is not None else "<th>against the baseline</th>")
     parts = ["<table class='scoreboard'><tr><th>claim</th><th>CPU</th><th>GPU</th>"
-             "<th>closest to its bound (positive cases)</th><th>against the baseline</th></tr>"]
+             f"<th>closest to its bound (positive cases)</th>{last}</tr>"]
     for i, (claim, cv) in enumerate(claims):
         profiles = cv.case.map(_profile_of)
         cells = []
@@ -485,6 +511,12 @@ def _scoreboard(claims: list, cases_meta: dict, comparison) -> list[str]:
                          + (f" <small>{int(sel.ok.astype(bool).sum())}/{len(sel)}</small>" if len(sel) else "")
                          + "</td>")
         margin = _margin_text(worst_margin(cv[~cv.negative.map(_truthy)]))
+        if plain is not None:
+            state, change, lost = _against_plain(cv, plain)
+            parts.append(f"<tr class='score' data-claim='{_e(claim)}'><td><a href='#claim-{i}'>{_e(claim)}</a></td>"
+                         + "".join(cells) + f"<td class='margin'>{_e(margin)}</td><td class='plain'>{_e(state)}</td>"
+                         f"<td class='{'m-regressed' if lost else ''}' data-lost='{int(lost)}'>{_e(change)}</td></tr>")
+            continue
         changed = _changes(cv, comparison)
         change = ("no baseline" if comparison is None else
                   f"{len(changed)} changed ({', '.join(sorted(set(changed)))})" if changed else "unchanged")
@@ -496,7 +528,8 @@ def _scoreboard(claims: list, cases_meta: dict, comparison) -> list[str]:
 
 
 def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison=None,
-           baseline_error: str | None = None, trend: "Trend | None" = None) -> str:
+           baseline_error: str | None = None, trend: "Trend | None" = None,
+           plain: pd.DataFrame | None = None) -> str:
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              "<title>lr-conformance report</title>", f"<style>{STYLE}</style></head><body>",
@@ -516,13 +549,18 @@ def render(results: pd.DataFrame, verdicts: pd.DataFrame, meta: dict, comparison
             parts.append(f"<div class='banner warn'>{_e(w)}</div>")
     elif baseline_error:
         parts.append(f"<div class='banner warn'>No baseline comparison: {_e(baseline_error)}</div>")
+    elif bl.stack_of(meta) != "plain":
+        parts.append(f"<div class='banner info'>Training stack <b>{_e(bl.stack_of(meta))}</b>: no band comparison "
+                     f"(the baseline was made under the plain stack). "
+                     + ("The scoreboard puts the plain stack's verdicts beside this run's." if plain is not None
+                        else "No plain-stack baseline was found to show beside it.") + "</div>")
     else:
         parts.append("<div class='banner info'>No baseline comparison (no baseline for this run's profile, "
                      "or a smoke run).</div>")
     claims = list(verdicts.groupby("claim", sort=True))
     cases_meta = meta.get("cases", {}) if isinstance(meta.get("cases"), dict) else {}
     if claims:
-        parts.extend(_scoreboard(claims, cases_meta, comparison))
+        parts.extend(_scoreboard(claims, cases_meta, comparison, plain, bl.stack_of(meta)))
     if isinstance(meta.get("certificate"), dict):
         parts.extend(_certificate_section(meta["certificate"]))
     parts.extend(_meta_table(meta))
@@ -625,8 +663,21 @@ def write_report(run_dir: Path | str, out: Path | str, baseline: Path | str | No
                 raise
             error = str(exc)
     trend = load_trend(history, verdicts, meta) if history is not None else None
-    atomic_write_text(Path(out), render(results, verdicts, meta, comparison, error, trend))
+    plain = _plain_stack_baseline(meta) if baseline == AUTO else None
+    atomic_write_text(Path(out), render(results, verdicts, meta, comparison, error, trend, plain))
     return comparison
+
+
+def _plain_stack_baseline(meta: dict) -> pd.DataFrame | None:
+    """Under a training stack: the profile's plain-stack baseline, shown beside the run (never as
+    its band); None for a plain run, or when there is none or it cannot be read."""
+    if bl.stack_of(meta) == "plain" or meta.get("smoke"):
+        return None
+    path = bl.default_path(meta.get("profile"))
+    try:
+        return bl.read(path) if path is not None and path.exists() else None
+    except bl.BaselineError:
+        return None
 
 
 @dataclass
@@ -637,7 +688,7 @@ class Trend:
 
 
 def load_trend(history_dir, verdicts: pd.DataFrame, meta: dict) -> Trend:
-    """The history's runs of the same machine class, optimizer, dtype and profile as this run (values
+    """The history's runs of the same machine class, optimizer, dtype, profile and stack as this run (values
     are only comparable within those), with this run appended when it is not in the history yet."""
     from harness import history as hist
     h = hist.load(history_dir)
@@ -645,16 +696,17 @@ def load_trend(history_dir, verdicts: pd.DataFrame, meta: dict) -> Trend:
     def text(x) -> str:  # SQLite NULL comes back as None or NaN
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
     machine, optimizer = hist.machine(meta), text(meta.get("optimizer"))
-    dtype, profile = text(meta.get("dtype")), text(meta.get("profile"))
-    keys = pd.DataFrame({c: h[c].map(text) for c in ("machine", "optimizer", "dtype", "profile")})
+    dtype, profile, stack = text(meta.get("dtype")), text(meta.get("profile")), bl.stack_of(meta)
+    keys = pd.DataFrame({c: h[c].map(text) for c in ("machine", "optimizer", "dtype", "profile", "stack")})
+    keys["stack"] = keys["stack"].replace("", "plain")
     same = h[(keys.machine == machine) & (keys.optimizer == optimizer) & (keys.dtype == dtype)
-             & (keys.profile == profile)]
+             & (keys.profile == profile) & (keys["stack"] == stack)]
     rid = hist.run_id(meta)
     if rid not in set(same.run_id):
         now = verdicts.assign(run_id=rid, created=meta.get("created"), git_commit=meta.get("git_commit"),
-                              machine=machine, optimizer=optimizer, dtype=dtype, profile=profile)
+                              machine=machine, optimizer=optimizer, dtype=dtype, profile=profile, stack=stack)
         same = pd.concat([same, now[[c for c in now.columns if c in h.columns]]], ignore_index=True)
-    key = f"machine {machine}, optimizer {optimizer}, dtype {dtype}, profile {profile}"
+    key = f"machine {machine}, optimizer {optimizer}, dtype {dtype}, profile {profile}, stack {stack}"
     return Trend(same, hist.detect_shifts(same), key)
 
 
