@@ -40,8 +40,9 @@ class NormMLP(nn.Module):
     """in → [Linear(no bias) → Norm → ReLU] × depth → Linear classifier (not SI).
 
     `unnormalized`: indices of hidden layers built without their norm (a bias-free Linear → ReLU,
-    not SI: a negative control for the sphere claims). `sphere_names` lists every hidden weight,
-    normalized or not, so the sphere measurements see the unnormalized one too.
+    not SI: a negative control for the sphere claims); `norm="none"` builds every layer so (a net
+    without any normalization, for the accumulation claim). `sphere_names` lists every hidden
+    weight, normalized or not, so the sphere measurements see the unnormalized one too.
     """
 
     def __init__(self, in_dim: int = 20, width: int = 64, depth: int = 2, classes: int = 5,
@@ -52,7 +53,7 @@ class NormMLP(nn.Module):
         dim, si = in_dim, []
         for i in range(depth):
             layers.append(nn.Linear(dim, width, bias=False))
-            if i in unnormalized:
+            if i in unnormalized or norm == "none":
                 layers.append(nn.Identity())  # keeps module indices the same as the normalized net
             else:
                 si.append(f"features.{len(layers) - 1}.weight")
