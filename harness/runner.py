@@ -144,8 +144,22 @@ class ArmState:
             raise sut_failure(optimizer_spec, "its state (seeding 'momentum_buffer')", exc) from exc
         self.optimizer_spec = optimizer_spec
         self._optimizer_step = self.optimizer.step
+        self._tensor_lr = stack.compile_step
         if stack.compile_step:
-            self._optimizer_step = torch.compile(self.optimizer.step)
+            # torch's recipe for a compiled step: the LR in a 0-d tensor updated in place (a Python float
+            # is a constant to the compiler, so a schedule would recompile every step until the
+            # recompile limit, then silently run eager; measured 1 s per recompile on the MLP), and
+            # step() called from a plain function (compiling the bound method diverges in dynamo).
+            try:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
+            except Exception as exc:
+                raise sut_failure(optimizer_spec, "param_groups (a tensor 'lr' for compile_step)", exc) from exc
+            optimizer = self.optimizer
+
+            def compiled_step() -> None:
+                optimizer.step()
+            self._optimizer_step = torch.compile(compiled_step)
         if stack.compile:
             model.compile()  # in place: parameter names and state-dict keys stay as they are
         self.scaler = torch.amp.GradScaler("cuda") if stack.fp16 else None
@@ -169,7 +183,10 @@ class ArmState:
         lrs = [g.lr(k) for g, _ in self.groups]  # the schedules are harness code: not guarded
         try:  # the harness changes the LR only through param_groups[i]['lr']
             for i, lr in enumerate(lrs):
-                self.optimizer.param_groups[i]["lr"] = lr
+                if self._tensor_lr:
+                    self.optimizer.param_groups[i]["lr"].fill_(lr)
+                else:
+                    self.optimizer.param_groups[i]["lr"] = lr
         except Exception as exc:
             raise sut_failure(self.optimizer_spec, "param_groups (setting 'lr')", exc) from exc
         if self.noise_layers:
@@ -201,6 +218,11 @@ class ArmState:
             else:
                 self._optimizer_step()
         except Exception as exc:
+            if self.stack.compile_step and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                # The compiler failed, not the optimizer: torch does not support compiling this step.
+                raise Unsupported(f"torch.compile of {self.optimizer_spec}'s step() failed ({type(exc).__name__}: "
+                                  f"{first_line(exc)[:120]}); torch.optim.SGD compiles with "
+                                  f"--optimizer-kwargs '{{\"fused\": true}}' (docs/stack.md)") from exc
             raise sut_failure(self.optimizer_spec, "step()", exc) from exc
         self.step_seconds.append(time.perf_counter() - t0)
         self.updates += 1
