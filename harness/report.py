@@ -663,17 +663,19 @@ def write_report(run_dir: Path | str, out: Path | str, baseline: Path | str | No
                 raise
             error = str(exc)
     trend = load_trend(history, verdicts, meta) if history is not None else None
-    plain = _plain_stack_baseline(meta) if baseline == AUTO else None
+    plain = _plain_stack_baseline(meta, verdicts) if baseline == AUTO else None
     atomic_write_text(Path(out), render(results, verdicts, meta, comparison, error, trend, plain))
     return comparison
 
 
-def _plain_stack_baseline(meta: dict) -> pd.DataFrame | None:
-    """Under a training stack: the profile's plain-stack baseline, shown beside the run (never as
-    its band); None for a plain run, or when there is none or it cannot be read."""
+def _plain_stack_baseline(meta: dict, verdicts: pd.DataFrame) -> pd.DataFrame | None:
+    """Under a training stack: the plain-stack baseline of the run's profile (or of its cases' one
+    profile, for a run of named cases), shown beside the run, never as its band; None for a plain
+    run, or when there is none or it cannot be read."""
     if bl.stack_of(meta) == "plain" or meta.get("smoke"):
         return None
-    path = bl.default_path(meta.get("profile"))
+    profiles = {_profile_of(c) for c in verdicts.case.unique()}
+    path = bl.default_path(meta.get("profile") or (profiles.pop() if len(profiles) == 1 else None))
     try:
         return bl.read(path) if path is not None and path.exists() else None
     except bl.BaselineError:

@@ -545,6 +545,7 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
     first = saved["seed_index"] if saved else 0
     rows: list[tuple] = list(saved["finished_rows"]) if saved else []
     seconds: list[float] = []
+    graphs_before = _compiled_graphs() if (env.stack.compile or env.stack.compile_step) else 0
     total, unit = work_units(case, env)
     done = first * (total // len(seeds)) + (saved["epoch"] * len(case.arms) if saved else 0)
     progress = make_progress(total, unit, done) if make_progress else progress_mod.NULL
@@ -569,4 +570,11 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
         progress.close()
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     table.attrs["timings"] = step_timings(seconds)  # kept apart from the tidy rows (session.Outcome)
+    if env.stack.compile or env.stack.compile_step:  # evidence that the compiler ran, not a silent eager run
+        table.attrs["timings"]["graphs_compiled"] = _compiled_graphs() - graphs_before
     return table
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters  # dynamo's own count of the graphs it compiled
+    return int(counters["stats"]["unique_graphs"])
