@@ -23,7 +23,7 @@ from harness.models import ActivationNoise, build_model
 from harness.optim import (DEFAULT_OPTIMIZER, accepts, first_line, load_factory, make_optimizer, parse_kwargs,
                            sut_failure, supports_momentum_buffer_state, supports_nesterov)
 from harness.spec import Arm, Case, Group
-from harness.stack import Stack, to_memory_format, unsupported_reason
+from harness.stack import Stack, fresh_compiler, to_memory_format, unsupported_reason
 
 RESULT_COLUMNS = ["case", "arm", "seed", "step", "metric", "value"]
 PROBE_SIZE = 64
@@ -545,6 +545,8 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
     first = saved["seed_index"] if saved else 0
     rows: list[tuple] = list(saved["finished_rows"]) if saved else []
     seconds: list[float] = []
+    if env.stack.compile or env.stack.compile_step:
+        fresh_compiler()
     graphs_before = _compiled_graphs() if (env.stack.compile or env.stack.compile_step) else 0
     total, unit = work_units(case, env)
     done = first * (total // len(seeds)) + (saved["epoch"] * len(case.arms) if saved else 0)
