@@ -53,6 +53,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # `harness run` called by the tests (in this process or a child) runs its cases in-process
+    # unless a test asks for -j: monkeypatches and test hooks must reach the code that runs.
+    os.environ.setdefault("HARNESS_JOBS", "1")
     for marker in ("cpu", "gpu", "slow", "negative", "exact"):
         config.addinivalue_line("markers", f"{marker}: see pyproject.toml")
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -43,6 +43,21 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"-j takes a positive number of worker processes, got {text!r}")
+    return n
+
+
+def _concat(frames: list, columns: list) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
 def _device(text: str) -> str:
     import torch
     try:
@@ -99,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let torchvision download CIFAR-10 into the data root when no source is found there")
     run.add_argument("--out", type=Path, help="run directory (default: runs/<UTC time>-<profile>)")
     run.add_argument("--html", type=Path, help="also write the HTML report here")
+    run.add_argument("-j", "--jobs", type=_jobs, default=None, metavar="N",
+                     help="run cases in N worker processes, one torch thread each (default: the number of cores; "
+                          "1: in this process). The tables are written in case order, as a sequential run writes them")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="finish an interrupted run: the same command, only the cases not finished "
                           "(epoch-unit cases continue from their last epoch); takes no other argument")
@@ -236,8 +254,9 @@ def cmd_run(args) -> int:
     from harness.spec import CaseError
     from harness.optim import (DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory,
                                parse_kwargs)
-    from harness.runner import RunEnv
-    from harness import session
+    from harness import parallel, session
+    from harness.checks import VERDICT_COLUMNS
+    from harness.runner import RESULT_COLUMNS, RunEnv
 
     meta_before = None
     if args.resume:
@@ -325,45 +344,62 @@ def cmd_run(args) -> int:
     # caller on another thread keeps its own).
     in_main = threading.current_thread() is threading.main_thread()
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    order = [c.id for c in cases]
+    by_id = {c.id: c for c in cases}
+    # Tables per finished case, written in case order after every case: the files of a parallel run
+    # are those of a sequential one, and an interrupted run keeps every finished case.
+    tables = {cid: (results[0][results[0].case == cid], verdicts[0][verdicts[0].case == cid])
+              for cid in statuses} if results else {}
+
+    def record(case_id: str, status: str, message: str, trace: str, timings, res, ver, seconds: float) -> None:
+        entry = {"status": status, "seconds": round(seconds, 2), "message": message}
+        if timings:  # median update and compile time apart (harness.runner.step_timings)
+            entry["timings"] = timings
+        if trace:
+            tb_file = run_dir.path / "errors" / f"{file_stem(case_id)}.txt"
+            store.atomic_write_text(tb_file, f"{case_id}: {message}\n\n{trace}")
+            entry["traceback"] = str(tb_file.relative_to(run_dir.path))
+        tables[case_id] = (res, ver)
+        done = [cid for cid in order if cid in tables]
+        # A case counts as finished (what --resume skips) only once its rows are on disk; its
+        # checkpoint goes only after that too.
+        run_dir.write_results(_concat([tables[c][0] for c in done], RESULT_COLUMNS))
+        run_dir.write_verdicts(_concat([tables[c][1] for c in done], VERDICT_COLUMNS))
+        statuses[case_id] = entry
+        meta["cases"] = {cid: statuses[cid] for cid in order if cid in statuses}
+        run_dir.write_metadata(meta)
+        clear_checkpoint(checkpoints, case_id)
+        tag = status.upper() + (" (negative control)" if by_id[case_id].negative else "")
+        compiled = (f" (compile {timings['compile_s']:.1f}s, step {timings['step_ms']:.3g} ms)"
+                    if timings and (stack.compile or stack.compile_step) else "")
+        print(f"{tag:28s} {case_id}  {seconds:.1f}s{compiled}  {message}".rstrip(), flush=True)
+
+    todo = [cid for cid in order if cid not in statuses]
+    jobs = min(args.jobs or parallel.default_jobs(), max(len(todo), 1))
     try:
-        for case in cases:
-            if case.id in statuses:
-                continue
+        if jobs > 1:
+            for out in parallel.run_parallel(todo, env, jobs, str(checkpoints)):
+                if out.bad_input:
+                    raise BadInput(out.bad_input)
+                record(out.case_id, out.status, out.message, out.traceback, out.timings, out.results, out.verdicts,
+                       out.seconds)
+        for case_id in (todo if jobs == 1 else []):
+            case = by_id[case_id]
             t0 = time.perf_counter()
             spec = cell_optimizers.get(case.id)
             outcome = session.execute(
                 case, dataclasses.replace(env, optimizer=spec) if spec else env, checkpoint_dir=checkpoints,
                 make_progress=lambda total, unit, initial, cid=case.id: progress.for_case(cid, total, unit,
                                                                                           initial=initial))
-            seconds = time.perf_counter() - t0
-            entry = {"status": outcome.status, "seconds": round(seconds, 2), "message": outcome.message}
-            if outcome.timings:  # median update and compile time apart (harness.runner.step_timings)
-                entry["timings"] = outcome.timings
-            if outcome.traceback:
-                tb_file = run_dir.path / "errors" / f"{file_stem(case.id)}.txt"
-                store.atomic_write_text(tb_file, f"{case.id}: {outcome.message}\n\n{outcome.traceback}")
-                entry["traceback"] = str(tb_file.relative_to(run_dir.path))
-            results.append(outcome.results)
-            verdicts.append(outcome.verdicts)
-            # Rewritten after every case: an interrupted run keeps every finished case. A case counts
-            # as finished (what --resume skips) only once its rows are on disk; its checkpoint goes
-            # only after that too.
-            run_dir.write_results(pd.concat(results, ignore_index=True))
-            run_dir.write_verdicts(pd.concat(verdicts, ignore_index=True))
-            statuses[case.id] = entry
-            run_dir.write_metadata(meta)
-            clear_checkpoint(checkpoints, case.id)
-            tag = outcome.status.upper() + (" (negative control)" if case.negative else "")
-            compiled = (f" (compile {outcome.timings['compile_s']:.1f}s, step {outcome.timings['step_ms']:.3g} ms)"
-                        if outcome.timings and (stack.compile or stack.compile_step) else "")
-            print(f"{tag:28s} {case.id}  {seconds:.1f}s{compiled}  {outcome.message}".rstrip(), flush=True)
-    except (DataNotFound, SettingError, CaseError):
-        meta.update(status="aborted", cases=statuses)  # bad input found mid-run: exit 2 (main), finished cases kept
+            record(case.id, outcome.status, outcome.message, outcome.traceback, outcome.timings, outcome.results,
+                   outcome.verdicts, time.perf_counter() - t0)
+    except (BadInput, DataNotFound, SettingError, CaseError):
+        meta.update(status="aborted")  # bad input found mid-run: exit 2 (main), finished cases kept
         run_dir.write_metadata(meta)
         raise
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
-        meta.update(status="terminated" if terminated else "interrupted", cases=statuses)
+        meta.update(status="terminated" if terminated else "interrupted")
         run_dir.write_metadata(meta)
         print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {len(statuses)} finished cases are in "
               f"{run_dir.path}; finish the run with `python -m harness run --resume {run_dir.path}`",
@@ -372,7 +408,7 @@ def cmd_run(args) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
-    meta.update(status="finished", cases=statuses)
+    meta.update(status="finished")
     run_dir.write_metadata(meta)
     print(_summary(statuses) + f"; results in {run_dir.path}")
     if args.html:

@@ -1,0 +1,130 @@
+"""`harness run -j N`: cases in worker processes. The tables are those of a sequential run, byte for
+byte; a worker that dies ends only its case; SIGTERM stops the workers and keeps every finished
+case, and the run resumes. Real processes and real signals: the epoch case's worker stops itself
+after a checkpoint (HARNESS_STOP_AFTER_CHECKPOINT sends it SIGSTOP), so nothing depends on timing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.checkpoint import STOP_AFTER_ENV
+from harness.cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, EXIT_TERMINATED, main
+from harness.parallel import JOBS_ENV, default_jobs
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["wdexp-zerobuf-mlp-bn", "wdexp-neg-decoupled-wd", "wdexp-zerobuf-cnn-bn[ln,float64,foreach]",
+        "toy-bn-wd-never-converges"]
+EPOCH_CASE = "batch-cifar-increase-batch"
+DATA_ROOT = next((Path(p) for p in (os.environ.get("HARNESS_DATA"), REPO.parent / "shared" / "data")
+                  if p and (Path(p) / "cifar10-jpeg.tar.gz").exists()), None)
+SMOKE = ["--smoke", "--seeds", "0", *(["--data", str(DATA_ROOT)] if DATA_ROOT else [])]
+
+
+def start(*argv, stop_after: int | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(JOBS_ENV, None)
+    if stop_after:
+        env[STOP_AFTER_ENV] = str(stop_after)
+    return subprocess.Popen([sys.executable, "-m", "harness", *map(str, argv)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stopped_child(parent: int, timeout: float = 300) -> int:
+    """The pid of the parent's worker that stopped itself (state T in /proc), waiting for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] == "T":
+                return int(stat.parent.name)
+        time.sleep(0.2)
+    raise AssertionError("no worker stopped at its checkpoint")
+
+
+def children(parent: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_parallel_tables_are_byte_for_byte_those_of_a_sequential_run(tmp_path, capsys):
+    assert main(["run", *FAST, "-j", "1", "--out", str(tmp_path / "seq")]) == EXIT_OK
+    assert main(["run", *FAST, "-j", "2", "--out", str(tmp_path / "par")]) == EXIT_OK
+    for name in ("results.csv", "verdicts.csv"):
+        assert (tmp_path / "seq" / name).read_bytes() == (tmp_path / "par" / name).read_bytes(), name
+    seq, par = (json.loads((tmp_path / d / "metadata.json").read_text()) for d in ("seq", "par"))
+    assert list(seq["cases"]) == list(par["cases"]) and set(par["cases"]) == set(FAST)
+    assert [c["status"] for c in par["cases"].values()] == [c["status"] for c in seq["cases"].values()]
+
+
+def test_jobs_default_and_bad_values(monkeypatch, capsys):
+    monkeypatch.setenv(JOBS_ENV, "3")
+    assert default_jobs() == 3
+    monkeypatch.delenv(JOBS_ENV)
+    assert default_jobs() == len(os.sched_getaffinity(0))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", FAST[0], "-j", "0"])
+    assert exc.value.code == EXIT_BAD_INPUT and "-j takes a positive number" in capsys.readouterr().err
+
+
+@pytest.fixture
+def cifar():
+    if DATA_ROOT is None:
+        msg = "CIFAR-10 (cifar10-jpeg.tar.gz) not found: set HARNESS_DATA"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+
+
+def test_a_worker_that_dies_ends_its_case_only(cifar, tmp_path):
+    out = tmp_path / "run"
+    proc = start("run", EPOCH_CASE, FAST[0], *SMOKE, "-j", "2", "--out", out, stop_after=1)
+    os.kill(stopped_child(proc.pid), signal.SIGKILL)  # what the OOM killer does
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == EXIT_FAIL, err
+    meta = json.loads((out / "metadata.json").read_text())
+    assert list(meta["cases"]) == [EPOCH_CASE, FAST[0]]  # case order, whatever finished first
+    assert meta["cases"][EPOCH_CASE]["status"] == "error"
+    assert "worker process died" in meta["cases"][EPOCH_CASE]["message"]
+    assert meta["cases"][FAST[0]]["status"] == "smoke" and meta["status"] == "finished"
+    assert "1 case(s) ended in error" in err
+
+
+def test_sigterm_stops_the_workers_keeps_finished_cases_and_resumes(cifar, tmp_path):
+    out = tmp_path / "run"
+    proc = start("run", FAST[0], EPOCH_CASE, *SMOKE, "-j", "2", "--out", out, stop_after=1)
+    stopped_child(proc.pid)
+    deadline = time.monotonic() + 120  # the fast case's worker finishes on its own
+    while time.monotonic() < deadline:
+        meta = json.loads((out / "metadata.json").read_text()) if (out / "metadata.json").exists() else {}
+        if FAST[0] in meta.get("cases", {}):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_TERMINATED, err
+    assert "finish the run with `python -m harness run --resume" in err
+    assert children(proc.pid) == []  # no worker left behind, stopped or not
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["status"] == "terminated" and list(meta["cases"]) == [FAST[0]]
+    assert set(pd.read_csv(out / "results.csv").case) == {FAST[0]}
+    resumed = start("run", "--resume", out)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == EXIT_OK, err
+    meta = json.loads((out / "metadata.json").read_text())
+    assert list(meta["cases"]) == [FAST[0], EPOCH_CASE] and meta["status"] == "finished"
