@@ -477,11 +477,15 @@ def _against_plain(cv: pd.DataFrame, plain: pd.DataFrame) -> tuple[str, str, boo
     known = [k for k in keys if k in base.index]
     if not known:
         return "no plain-stack baseline row", "", False
+    from harness.conform import _margin_text, worst_margin
     plain_ok = {k: bool(base.loc[k, "ok"]) for k in known}
+    # The plain stack's positive verdict closest to its bound (baseline medians), beside this run's.
+    rows = base.loc[[k for k in known if not bool(base.loc[k, "negative"])]].reset_index()
+    closest = _margin_text(worst_margin(rows.rename(columns={"median": "measured"}))) if len(rows) else ""
     here_ok = dict(zip(keys, cv.ok.astype(bool)))
     lost = [f"{c}/{p}" for (c, p) in known if plain_ok[(c, p)] and not here_ok[(c, p)]]
     gained = [f"{c}/{p}" for (c, p) in known if here_ok[(c, p)] and not plain_ok[(c, p)]]
-    state = f"{sum(plain_ok.values())}/{len(known)} as intended"
+    state = f"{sum(plain_ok.values())}/{len(known)} as intended" + (f"; closest: {closest}" if closest else "")
     if lost:
         change = f"{len(lost)} held on plain, not here: " + ", ".join(lost[:4]) + (", …" if len(lost) > 4 else "")
     elif gained:
