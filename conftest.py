@@ -25,6 +25,7 @@ import pytest
 PARTS_KEY = pytest.StashKey[Path]()
 DEFAULT_PYTEST_RUN_DIR = "runs/pytest-latest"
 CASE_NODE = re.compile(r"::test_case\[(.+)\]$")
+SESSION_ARM_STORE = "LRC_SESSION_ARM_STORE"
 
 
 def pytest_addoption(parser):
@@ -56,6 +57,14 @@ def pytest_configure(config):
     # `harness run` called by the tests (in this process or a child) runs its cases in-process
     # unless a test asks for -j: monkeypatches and test hooks must reach the code that runs.
     os.environ.setdefault("HARNESS_JOBS", "1")
+    if getattr(config, "workerinput", None) is None and not os.environ.get(SESSION_ARM_STORE):
+        # One arm store per session (harness.trajectories) for the registered cases' tests, shared
+        # by the xdist workers, which inherit this environment: an arm two cases declare alike
+        # trains once per session. Only test_case uses it (fixture shared_arms): a test that
+        # monkeypatches the training must never write rows a real case would reuse.
+        import tempfile
+        os.environ[SESSION_ARM_STORE] = tempfile.mkdtemp(prefix="lrc-arms-")
+        config.add_cleanup(lambda path=os.environ[SESSION_ARM_STORE]: shutil.rmtree(path, ignore_errors=True))
     for marker in ("cpu", "gpu", "slow", "negative", "exact"):
         config.addinivalue_line("markers", f"{marker}: see pyproject.toml")
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -169,6 +178,13 @@ def _configure_run_dir(config) -> None:
     plugin = RunDirPlugin(path, html, baseline)
     config.stash[PARTS_KEY] = plugin.parts
     config.pluginmanager.register(plugin, "lr-conformance-run-dir")
+
+
+@pytest.fixture
+def shared_arms(monkeypatch):
+    """The session's arm store for this test (harness.trajectories): identical arms train once."""
+    if os.environ.get(SESSION_ARM_STORE):
+        monkeypatch.setenv("HARNESS_ARM_STORE", os.environ[SESSION_ARM_STORE])
 
 
 @pytest.fixture

@@ -254,7 +254,7 @@ def cmd_run(args) -> int:
     from harness.spec import CaseError
     from harness.optim import (DEFAULT_OPTIMIZER, OptimizerSpecError, check_constructible, load_factory,
                                parse_kwargs)
-    from harness import parallel, session
+    from harness import parallel, session, trajectories
     from harness.checks import VERDICT_COLUMNS
     from harness.runner import RESULT_COLUMNS, RunEnv
 
@@ -338,8 +338,12 @@ def cmd_run(args) -> int:
     meta.update(status="running", cases=statuses)
     run_dir.write_metadata(meta)
     checkpoints = run_dir.path / "checkpoints"
-    if meta_before is None:  # a fresh run never continues from checkpoints an earlier run left here
+    arm_store = run_dir.path / "arms"  # shared trajectories of this run (harness.trajectories)
+    if meta_before is None:  # a fresh run never continues from checkpoints or arms an earlier run left here
         shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(arm_store, ignore_errors=True)
+    store_before = os.environ.get(trajectories.STORE_ENV)
+    os.environ[trajectories.STORE_ENV] = str(arm_store)  # read by the workers too (spawn copies the environment)
     # SIGTERM unwinds like Ctrl-C (only the main thread may install a handler: an embedding
     # caller on another thread keeps its own).
     in_main = threading.current_thread() is threading.main_thread()
@@ -408,8 +412,13 @@ def cmd_run(args) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
+        if store_before is None:
+            os.environ.pop(trajectories.STORE_ENV, None)
+        else:
+            os.environ[trajectories.STORE_ENV] = store_before
     meta.update(status="finished")
     run_dir.write_metadata(meta)
+    shutil.rmtree(arm_store, ignore_errors=True)  # every row is in results.csv now
     print(_summary(statuses) + f"; results in {run_dir.path}")
     if args.html:
         report.write_report(run_dir.path, args.html)

@@ -5,6 +5,7 @@ or an augmentation never shifts the batch sequence. Results come back as tidy ro
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -16,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from harness import measurements
+from harness import measurements, trajectories
 from harness import progress as progress_mod
 from harness.datasets import build_source, slice_draws
 from harness.models import ActivationNoise, build_model
@@ -351,9 +352,44 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
     execution.attach(arms)
     probe = to_memory_format(stack, source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"]))
     observers = [measurements.resolve(m) for m in case.measurements]
+    store = trajectories.current() if execution is SINGLE else None
+    keys = {a.name: k for a in case.arms if store is not None
+            and (k := trajectories.arm_key(case, a, seed, env, _draws(case))) is not None}
+    with (store.locked(list(keys.values())) if keys else contextlib.nullcontext()):
+        # Arms another case of this run already trained (same key): their rows are reused, and only
+        # the others train (the arms were all built above: building consumes the init-noise stream).
+        cached = {name: got for name, k in keys.items() if (got := store.get(k, case.id)) is not None}
+        active = {name: a for name, a in arms.items() if name not in cached}
+        rows = _train_active(case, seed, env, steps, source, active, gens, probe, observers, execution,
+                             progress=progress, resume=resume, on_epoch=on_epoch) if active else []
+        for name in active:
+            if name in keys:
+                store.put(keys[name], [r for r in rows if r[1] == name])
+    if cached:
+        progress.advance(steps * len(cached))
+    execution.finish(arms)
+    if timings is not None:
+        timings.extend(t for a in active.values() for t in a.step_seconds)
+    return canonical_order(rows + [r for got in cached.values() for r in got], case)
+
+
+def _draws(case: Case) -> int:
+    """Base batches drawn per update: the largest batch multiplier of the case's arms (every arm
+    sees the first m of them), whichever arms train."""
+    return max(a.batch_multiplier for a in case.arms)
+
+
+def canonical_order(rows: list[tuple], case: Case) -> list[tuple]:
+    """Rows by seed, step and arm (in the case's arm order), each arm's metrics in observer order:
+    the same table whether an arm was trained here or reused from the arm store."""
+    index = {a.name: i for i, a in enumerate(case.arms)}
+    return sorted(rows, key=lambda r: (r[2], r[3], index.get(r[1], len(index))))
+
+
+def _train_active(case: Case, seed: int, env: RunEnv, steps: int, source, arms: dict, gens: dict, probe, observers,
+                  execution, *, progress, resume, on_epoch) -> list[tuple]:
     ctx = SimpleNamespace(arms=arms, reference=case.reference, probe=probe, source=source, t=0,
                           state={})  # `state`: observers' memory between calls
-
     if case.unit == "epoch":
         start, rows = 0, []
         if resume is not None:
@@ -365,9 +401,6 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
                              on_epoch=(lambda e, r: on_epoch(e, r, capture)) if on_epoch else None)
     else:
         rows = _train_steps(case, seed, steps, source, arms, ctx, observers, execution, progress=progress)
-    execution.finish(arms)
-    if timings is not None:
-        timings.extend(t for a in arms.values() for t in a.step_seconds)
     return rows
 
 
@@ -459,7 +492,7 @@ def _train_steps(case: Case, seed: int, steps: int, source, arms: dict, ctx, obs
     rows: list[tuple] = []
     # Arms with batch_multiplier m train on the first m base batches of the step's draw, so every
     # arm still sees the same examples in the same order (linear-scaling comparisons).
-    draws = max(a.spec.batch_multiplier for a in arms.values())
+    draws = _draws(case)
     for k in range(steps):
         batches = [source.next_batch() for _ in range(draws)]
         x, y = (batches[0] if draws == 1 else

@@ -6,7 +6,7 @@ import pytest
 from harness.session import cuda_missing, execute
 
 
-def test_case(conformance_case, run_env, record_outcome):
+def test_case(conformance_case, run_env, record_outcome, shared_arms):
     case = conformance_case
     if case.profile == "gpu" and not run_env.smoke and run_env.device_for(case) == "cpu":
         pytest.skip("a full GPU-profile case on the CPU takes hours: add --smoke for the dry run")

@@ -1,0 +1,88 @@
+"""Shared trajectories: an arm that two cases declare identically is trained once per run.
+
+An arm's rows depend only on what its key holds (the case's model, data, unit and measurements,
+the arm's declaration, the seed, the number of updates or epochs, the base batches drawn per update,
+dtype, device, optimizer and its kwargs, the training stack, smoke), provided every measurement of
+the case is *per arm*: a function gap to the reference arm is not, and such a case never shares.
+The store is content-addressed (sha256 of the key's repr; a declaration whose repr holds an object
+address is never shared) and lives in one directory per run (`$HARNESS_ARM_STORE`, set by `harness
+run` to RUN_DIR/arms and by the test session to a temporary directory), so the worker processes of
+`-j N` and pytest-xdist share it. A file lock per key makes a second case wait for the first
+instead of training the same arm twice. Rows are stored as CSV (no pickle).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+STORE_ENV = "HARNESS_ARM_STORE"
+# Measurements whose rows for an arm depend on that arm alone (the others compare arms).
+PER_ARM = frozenset({"si_norm", "update_norm", "loss", "epoch_loss", "schedule", "test_acc", "eval_acc", "angular"})
+ROW_COLUMNS = ["arm", "seed", "step", "metric", "value"]
+
+
+def _name(measurement) -> str:
+    return measurement if isinstance(measurement, str) else measurement[0]
+
+
+def shareable(case) -> bool:
+    return all(_name(m) in PER_ARM for m in case.measurements)
+
+
+def arm_key(case, arm, seed: int, env, draws: int) -> str | None:
+    """The content address of one arm's trajectory for one seed, or None when it cannot be shared."""
+    if not shareable(case):
+        return None
+    text = repr(("v1", case.model, case.data, case.unit, case.measurements, arm, seed, env.steps_for(case),
+                 draws, env.dtype_for(case), env.device_for(case), env.optimizer, env.optimizer_kwargs,
+                 env.stack.label, env.smoke))
+    if " at 0x" in text:  # a lambda or an object without a value repr: its identity is not its content
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class ArmStore:
+    def __init__(self, directory: Path | str):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.csv"
+
+    def get(self, key: str, case_id: str) -> list[tuple] | None:
+        """The stored rows of `key`, relabelled to `case_id`; None when not stored (or unreadable)."""
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+            return None
+        return [(case_id, r.arm, int(r.seed), int(r.step), r.metric, float(r.value)) for r in df.itertuples()]
+
+    def put(self, key: str, rows: list[tuple]) -> None:
+        from harness.store import atomic_write_text
+        df = pd.DataFrame([r[1:] for r in rows], columns=ROW_COLUMNS)
+        buf = io.StringIO()
+        df.to_csv(buf, index=False, float_format="%.17g")  # every float64 bit survives the round trip
+        atomic_write_text(self._path(key), buf.getvalue())
+
+    @contextmanager
+    def locked(self, keys: list[str]) -> Iterator[None]:
+        """Hold the locks of `keys` (in sorted order: two cases never wait on each other)."""
+        from filelock import FileLock
+        with ExitStack() as stack:
+            for key in sorted(set(keys)):
+                stack.enter_context(FileLock(str(self.dir / f"{key}.lock")))
+            yield
+
+
+def current() -> ArmStore | None:
+    path = os.environ.get(STORE_ENV)
+    return ArmStore(path) if path else None
