@@ -375,7 +375,7 @@ def cmd_run(args) -> int:
         clear_checkpoint(checkpoints, case_id)
         tag = status.upper() + (" (negative control)" if by_id[case_id].negative else "")
         compiled = (f" (compile {timings['compile_s']:.1f}s, step {timings['step_ms']:.3g} ms)"
-                    if timings and (stack.compile or stack.compile_step) else "")
+                    if timings and "compile_s" in timings and (stack.compile or stack.compile_step) else "")
         print(f"{tag:28s} {case_id}  {seconds:.1f}s{compiled}  {message}".rstrip(), flush=True)
 
     todo = [cid for cid in order if cid not in statuses]
