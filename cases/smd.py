@@ -3,8 +3,8 @@
 
 Setting (all cases): BN MLP 32-128-128-10 (BN with affine, trainable classifier), torch SGD, batch
 128, a 10-class Gaussian mixture with overlapping classes (separation 0.3, 4,096 points: the loss
-stays ~0.8, so gradient noise never dies out), float32, 3 seeds. Sphere quantities are RMS/means over
-windows of 100 updates (harness.sphere). Tolerances are written next to each case with the
+stays ~0.8, so gradient noise never dies out), float64 (the CPU profile's default: these cases set
+no dtype), 3 seeds. Sphere quantities are RMS/means over windows of 100 updates (harness.sphere). Tolerances are written next to each case with the
 measurement they came from; "median over seeds" per layer, all layers must pass unless stated.
 """
 from __future__ import annotations
