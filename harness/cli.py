@@ -382,7 +382,7 @@ def cmd_run(args) -> int:
     jobs = min(args.jobs or parallel.default_jobs(), max(len(todo), 1))
     try:
         if jobs > 1:
-            for out in parallel.run_parallel(todo, env, jobs, str(checkpoints)):
+            for out in parallel.run_parallel(parallel.plan(todo, env), env, jobs, str(checkpoints)):
                 if out.bad_input:
                     raise BadInput(out.bad_input)
                 record(out.case_id, out.status, out.message, out.traceback, out.timings, out.results, out.verdicts,

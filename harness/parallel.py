@@ -86,41 +86,86 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_parallel(case_ids: list[str], env, jobs: int, checkpoint_dir: str | None) -> Iterator[WorkerOutcome]:
-    """Yield each case's outcome as it finishes (any order). A worker that dies (killed, out of
-    memory, a segfault in a kernel) ends the cases that were running in error, and the pool is
-    restarted for the rest. On KeyboardInterrupt the workers are stopped before it propagates."""
-    pending = list(case_ids)
-    while pending:
-        pool = ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=multiprocessing.get_context("spawn"),
+def plan(case_ids: list[str], env) -> list[list[str]]:
+    """The run's cases as chains: cases that share an arm (harness.trajectories) run one after
+    another on one worker, so the second reuses the first's rows instead of waiting on its lock
+    with a worker idle; chains ordered by their work, largest first (longest-processing-time
+    first: the tail of the run is short cases). Work = arm-steps (arm-epochs), reused ones not
+    counted."""
+    from harness import trajectories
+    from harness.runner import _draws, work_units
+    cases = {cid: resolve_case(cid, env) for cid in case_ids}
+    parent = {cid: cid for cid in case_ids}
+
+    def root(c: str) -> str:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+    owner: dict[str, str] = {}
+    work: dict[str, int] = {}
+    for cid, (case, case_env) in cases.items():
+        keys = {trajectories.arm_key(case, a, seed, case_env, _draws(case))
+                for a in case.arms for seed in case_env.seeds_for(case)} - {None}
+        fresh = [k for k in keys if k not in owner]
+        total, _ = work_units(case, case_env)
+        per_arm_seed = total // max(len(case.arms) * len(case_env.seeds_for(case)), 1)
+        work[cid] = total - per_arm_seed * (len(keys) - len(fresh))
+        for k in keys:
+            if k in owner:
+                parent[root(cid)] = root(owner[k])
+            else:
+                owner[k] = cid
+    chains: dict[str, list[str]] = {}
+    for cid in case_ids:
+        chains.setdefault(root(cid), []).append(cid)
+    return sorted(chains.values(), key=lambda chain: -sum(work[c] for c in chain))
+
+
+def run_parallel(chains: list[list[str]], env, jobs: int, checkpoint_dir: str | None) -> Iterator[WorkerOutcome]:
+    """Yield each case's outcome as it finishes (any order). At most `jobs` cases run at once, the
+    next case of a chain as soon as its predecessor is done, then the next chain. A worker that
+    dies (killed, out of memory, a segfault in a kernel) ends the cases that were running in error,
+    and a fresh pool runs the rest. On KeyboardInterrupt the workers are stopped before it
+    propagates."""
+    queue = [list(chain) for chain in chains if chain]
+    while queue:
+        pool = ProcessPoolExecutor(max_workers=min(jobs, len(queue)), mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker)
-        futures: dict[Future, str] = {pool.submit(run_one, cid, env, checkpoint_dir): cid for cid in pending}
-        running: list[str] = []
+        running: dict[Future, list[str]] = {}  # future -> its chain (the running case first)
+        broken = False
         try:
-            todo, broken = set(futures), False
-            while todo and not broken:
-                running = [futures[f] for f in todo if f.running()]
-                done, todo = wait(todo, return_when=FIRST_COMPLETED)
+            while (queue or running) and not broken:
+                while queue and len(running) < jobs:
+                    chain = queue.pop(0)
+                    running[pool.submit(run_one, chain[0], env, checkpoint_dir)] = chain
+                done, _ = wait(set(running), return_when=FIRST_COMPLETED)
                 for fut in done:
+                    chain = running.pop(fut)
                     try:
                         out = fut.result()
                     except BrokenProcessPool:
                         broken = True
+                        # The case that was running ends in error (which worker died is not
+                        # knowable from here); the rest of its chain runs in a fresh pool.
+                        yield WorkerOutcome(chain[0], "error", f"{chain[0]}: a worker process died while it ran "
+                                            f"(killed, out of memory or a crash inside a kernel); rerun it alone to "
+                                            f"see why", "", None, pd.DataFrame(), pd.DataFrame())
+                        if chain[1:]:
+                            queue.insert(0, chain[1:])
                         continue
-                    pending.remove(out.case_id)
                     yield out
+                    if chain[1:]:
+                        queue.insert(0, chain[1:])  # the chain goes on at once: its arms are stored now
         except BaseException:
             _stop(pool)
             raise
-        _stop(pool) if broken else pool.shutdown(wait=True)
         if broken:
-            # The cases that were running when a worker died end in error (which one killed it is
-            # not knowable from here); the others run again in a fresh pool.
-            for cid in [c for c in running if c in pending] or pending[:1]:
-                pending.remove(cid)
-                yield WorkerOutcome(cid, "error", f"{cid}: a worker process died while it ran (killed, out of memory "
-                                                  f"or a crash inside a kernel); rerun it alone to see why", "", None,
-                                    pd.DataFrame(), pd.DataFrame())
+            for chain in running.values():  # cut off with the pool: not started, or killed with it
+                queue.insert(0, chain)
+            _stop(pool)
+        else:
+            pool.shutdown(wait=True)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

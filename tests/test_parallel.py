@@ -128,3 +128,15 @@ def test_sigterm_stops_the_workers_keeps_finished_cases_and_resumes(cifar, tmp_p
     assert resumed.returncode == EXIT_OK, err
     meta = json.loads((out / "metadata.json").read_text())
     assert list(meta["cases"]) == [FAST[0], EPOCH_CASE] and meta["status"] == "finished"
+
+
+def test_plan_chains_the_cases_that_share_an_arm_and_starts_the_largest_work_first():
+    from harness.parallel import plan
+    from harness.runner import RunEnv
+    ids = ["toy-bn-alone-converges", "wdexp-zerobuf-mlp-bn", "toy-neg-bn-alone-judged-never-converges",
+           "ilr-equal-lambda-e-same-equilibrium"]
+    chains = plan(ids, RunEnv())
+    # the control reuses the positive case's arm: after it, on the same worker, never waiting on its lock
+    assert ["toy-bn-alone-converges", "toy-neg-bn-alone-judged-never-converges"] in chains
+    assert chains[0] == ["ilr-equal-lambda-e-same-equilibrium"]  # 45,000 arm-steps, the most
+    assert sorted(c for chain in chains for c in chain) == sorted(ids)
