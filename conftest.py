@@ -42,6 +42,8 @@ def pytest_addoption(parser):
     group.addoption("--stack", default=None, metavar="S",
                     help="training-stack switches for every case, as `harness run --stack` "
                          "(compile, compile_step, bf16, fp16, channels_last, accumulate=K; docs/stack.md)")
+    group.addoption("--stacked-seeds", default="auto", choices=("auto", "off", "force"),
+                    help="as `harness run --stacked-seeds`: an arm's seeds as one stacked model where allowed")
     group.addoption("--run-dir", default=None, metavar="DIR",
                     help="write the case tests' results.csv, verdicts.csv and metadata.json here "
                          f"(default: off; {DEFAULT_PYTEST_RUN_DIR} when --report is given)")
@@ -142,10 +144,11 @@ def run_env(pytestconfig):
     from harness.runner import RunEnv
     from harness.stack import parse
     seeds = pytestconfig.getoption("--seeds")
-    return RunEnv(stack=parse(pytestconfig.getoption("--stack")),device=pytestconfig.getoption("--device"),
+    return RunEnv(stack=parse(pytestconfig.getoption("--stack")), device=pytestconfig.getoption("--device"),
                   optimizer=pytestconfig.getoption("--optimizer") or DEFAULT_OPTIMIZER,
                   optimizer_kwargs=pytestconfig.getoption("--optimizer-kwargs") or "",
                   smoke=pytestconfig.getoption("--smoke"),
+                  stacked_seeds=pytestconfig.getoption("--stacked-seeds"),
                   seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None)
 
 

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stack", metavar="S", default=None,
                      help="training-stack switches applied to every arm, comma-separated: compile, compile_step, bf16, " 
                           "fp16 (CUDA), channels_last, accumulate=K (docs/stack.md); default plain")
+    run.add_argument("--stacked-seeds", choices=("auto", "off", "force"), default="auto",
+                     help="train an arm's seeds as one stacked model where the case allows it (auto: float64 "
+                          "statistical step cases on the BN MLP; off: seed by seed; force: exact cases too). "
+                          "metadata.json says per case how its seeds ran (docs/speed.md)")
     run.add_argument("--smoke", action="store_true", help="a few steps on tiny data; results, no verdicts")
     run.add_argument("--include-slow", action="store_true", help="with --profile: include slow cases")
     run.add_argument("--data", metavar="DIR", help="CIFAR-10 data root (default: $HARNESS_DATA)")
@@ -318,7 +322,8 @@ def cmd_run(args) -> int:
     if args.download:
         os.environ["HARNESS_DOWNLOAD"] = "1"  # read by harness.datasets.cifar10
     env = RunEnv(device=args.device, optimizer=optimizer, dtype=args.dtype, smoke=args.smoke,
-                 seeds=args.seeds, optimizer_kwargs=args.optimizer_kwargs or "", stack=stack)
+                 seeds=args.seeds, optimizer_kwargs=args.optimizer_kwargs or "", stack=stack,
+                 stacked_seeds=args.stacked_seeds)
 
     run_dir = store.RunDir(args.out or store.default_run_dir(args.profile))
     results, verdicts, statuses = [], [], {}

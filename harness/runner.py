@@ -55,6 +55,9 @@ class RunEnv:
     smoke: bool = False
     seeds: tuple[int, ...] | None = None
     stack: Stack = Stack()  # training-stack switches (harness.stack), applied to every arm alike
+    # The seeds of an arm as one stacked model (harness.stacked_seeds): "auto" where the case allows
+    # it, "off" seed by seed, "force" for exact cases too (tests show their bounds hold stacked).
+    stacked_seeds: str = "auto"
 
     def kwargs(self) -> dict:
         return parse_kwargs(self.optimizer_kwargs)
@@ -205,7 +208,7 @@ class ArmState:
         if self.micro == 1:
             with self.stack.autocast(x.device):
                 out = self.model(x)
-                loss = nn.functional.cross_entropy(out, y)
+                loss = self._loss(out, y)
             self._backward(loss)
         else:
             out, loss = self._accumulate(x, y)
@@ -227,9 +230,12 @@ class ArmState:
             raise sut_failure(self.optimizer_spec, "step()", exc) from exc
         self.step_seconds.append(time.perf_counter() - t0)
         self.updates += 1
-        self.batch_size = len(y)
+        self.batch_size = y.shape[-1]
         self.last_loss = loss.item()
         return self.last_loss
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -246,7 +252,7 @@ class ArmState:
         for xs, ys in zip(x.split(n // k), y.split(n // k)):
             with self.stack.autocast(x.device):
                 out = self.model(xs)
-                loss = nn.functional.cross_entropy(out, ys)
+                loss = self._loss(out, ys)
             self._backward(loss / k)
             outs.append(out.detach())
             losses.append(loss.detach())
@@ -315,19 +321,25 @@ class SingleProcess:
 SINGLE = SingleProcess()
 
 
-def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SINGLE, *,
-             progress=progress_mod.NULL, resume: dict | None = None, on_epoch=None,
-             timings: list | None = None) -> list[tuple]:
-    """One seed of a case. Epoch-unit cases: `on_epoch(epoch, rows, capture)` runs after each epoch
-    (capture() returns the seed's whole training state), and `resume` (a saved epoch, its rows and
-    state) continues a seed from there: set-up is replayed, then the state loaded over it. Every
-    update's wall time is appended to `timings` when given."""
+@dataclass
+class SeededSetUp:
+    """What one seed of a case trains from: its generators, data, the arms' initial models, the probe."""
+
+    streams: dict
+    gens: dict
+    source: object
+    models: dict  # arm name -> that arm's copy of the seed's initial model
+    probe: torch.Tensor
+
+
+def set_up_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = None) -> SeededSetUp:
+    """One seed's set-up, consuming its streams in a fixed order (data, init, the arms' init noise in
+    arm order, probe): the stacked-seeds path calls this too, so both start from the same tensors."""
+    execution = execution or SINGLE
     dtype = getattr(torch, env.dtype_for(case))
     device = torch.device(env.device_for(case))
-    steps = env.steps_for(case)
     streams = seed_streams(seed)
     gens = {k: _generator(v) for k, v in streams.items()}
-
     if device.type == "cuda":
         from harness.device import conformance_mode
         conformance_mode(device)  # deterministic kernels, no autotuning, no TF32
@@ -343,14 +355,27 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
         if stack.channels_last:
             model0 = model0.to(memory_format=torch.channels_last)
     execution.prepare(case, model0, source)
+    models = {a.name: arm_model(model0, a, gens["init_noise"]) for a in case.arms}
+    probe = to_memory_format(stack, source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"]))
+    return SeededSetUp(streams, gens, source, models, probe)
+
+
+def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SINGLE, *,
+             progress=progress_mod.NULL, resume: dict | None = None, on_epoch=None,
+             timings: list | None = None) -> list[tuple]:
+    """One seed of a case. Epoch-unit cases: `on_epoch(epoch, rows, capture)` runs after each epoch
+    (capture() returns the seed's whole training state), and `resume` (a saved epoch, its rows and
+    state) continues a seed from there: set-up is replayed, then the state loaded over it. Every
+    update's wall time is appended to `timings` when given."""
+    steps = env.steps_for(case)
+    seeded = set_up_seed(case, seed, env, execution)
+    gens, source, probe, stack = seeded.gens, seeded.source, seeded.probe, env.stack
     factory = load_factory(env.optimizer)
     kwargs = env.kwargs()
-    arms = {a.name: ArmState(a, arm_model(model0, a, gens["init_noise"]), factory,
-                             env.optimizer, case.requires, noise_seed=streams["act_noise"], optimizer_kwargs=kwargs,
-                             stack=stack)
+    arms = {a.name: ArmState(a, seeded.models[a.name], factory, env.optimizer, case.requires,
+                             noise_seed=seeded.streams["act_noise"], optimizer_kwargs=kwargs, stack=stack)
             for a in case.arms}
     execution.attach(arms)
-    probe = to_memory_format(stack, source.probe(min(PROBE_SIZE, len(source.train_x)), gens["probe"]))
     observers = [measurements.resolve(m) for m in case.measurements]
     store = trajectories.current() if execution is SINGLE else None
     keys = {a.name: k for a in case.arms if store is not None
@@ -584,7 +609,20 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
     total, unit = work_units(case, env)
     done = first * (total // len(seeds)) + (saved["epoch"] * len(case.arms) if saved else 0)
     progress = make_progress(total, unit, done) if make_progress else progress_mod.NULL
+    from harness import stacked_seeds  # imported here: it builds on this module
+    why = "resumed from a checkpoint" if saved else stacked_seeds.why_not(case, env, seeds)
+    how = None  # how the seeds ran, for the metadata
     try:
+        if why is None:
+            try:
+                rows, how = stacked_seeds.run(case, seeds, env, progress=progress, timings=seconds)
+                first = len(seeds)  # every seed done
+            except stacked_seeds.Fallback as exc:  # seed by seed instead, from the start
+                why, rows = str(exc), []
+                seconds.clear()
+                progress.close()
+                progress = make_progress(total, unit, 0) if make_progress else progress_mod.NULL
+        how = how or f"seed by seed: {why}"
         for i, seed in enumerate(seeds):
             if i < first:
                 continue
@@ -605,6 +643,8 @@ def _run_seeds(case: Case, env: RunEnv, make_progress, ckpt, saved: dict | None)
         progress.close()
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     table.attrs["timings"] = step_timings(seconds)  # kept apart from the tidy rows (session.Outcome)
+    if len(seeds) > 1:  # stacked in one pass, or seed by seed and why (harness.stacked_seeds)
+        table.attrs["timings"]["seeds"] = how
     if env.stack.compile or env.stack.compile_step:  # evidence that the compiler ran, not a silent eager run
         table.attrs["timings"]["graphs_compiled"] = _compiled_graphs() - graphs_before
     return table

@@ -35,13 +35,15 @@ def shareable(case) -> bool:
     return all(_name(m) in PER_ARM for m in case.measurements)
 
 
-def arm_key(case, arm, seed: int, env, draws: int) -> str | None:
-    """The content address of one arm's trajectory for one seed, or None when it cannot be shared."""
+def arm_key(case, arm, seed: int, env, draws: int, stacked: tuple[int, ...] | None = None) -> str | None:
+    """The content address of one arm's trajectory for one seed, or None when it cannot be shared.
+    `stacked`: the seeds it trained with in one pass (harness.stacked_seeds), whose kernels round
+    differently from one seed's: such rows are reused only by a run stacked alike."""
     if not shareable(case):
         return None
     text = repr(("v1", case.model, case.data, case.unit, case.measurements, arm, seed, env.steps_for(case),
                  draws, env.dtype_for(case), env.device_for(case), env.optimizer, env.optimizer_kwargs,
-                 env.stack.label, env.smoke))
+                 env.stack.label, env.smoke) + ((("stacked", tuple(stacked)),) if stacked else ()))
     if " at 0x" in text:  # a lambda or an object without a value repr: its identity is not its content
         return None
     return hashlib.sha256(text.encode()).hexdigest()[:32]
