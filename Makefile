@@ -13,9 +13,10 @@ export OMP_NUM_THREADS
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install --quiet --upgrade pip
 	# torch==2.14.1 / torchvision==0.29.1 (pinned in pyproject.toml) install from the local wheel cache.
-	$(PY) -m pip install --quiet -e '.[test]'
+	# --no-compile: no bytecode for the 5.5 GB of packages up front (Python compiles what it imports,
+	# once); measured 69 s -> 45 s for the venv on 2 cores, with the pip upgrade it no longer needs.
+	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	touch $@
 
 # Main job: the CPU profile, its run directory under runs/ and the HTML report under reports/.

@@ -26,6 +26,8 @@ PARTS_KEY = pytest.StashKey[Path]()
 DEFAULT_PYTEST_RUN_DIR = "runs/pytest-latest"
 CASE_NODE = re.compile(r"::test_case\[(.+)\]$")
 SESSION_ARM_STORE = "LRC_SESSION_ARM_STORE"
+SLOW_CASES_KEY = pytest.StashKey[list]()
+PREFILLED_KEY = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser):
@@ -127,6 +129,31 @@ def pytest_xdist_auto_num_workers(config):
     return auto_workers(gpu_count(), config.getoption("markexpr"), config.getoption("--device"))
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: only the tests that will run
+def pytest_collection_modifyitems(config, items):
+    """The case tests first, in `harness run -j`'s plan (harness.parallel.plan): cases that share
+    an arm form a chain, chains ordered by their work, largest first. Under pytest-xdist a chain is
+    one xdist_group, so it runs on one worker and its second case reuses the first's rows instead
+    of waiting on their lock with a worker idle (scripts/run-tests passes `--dist loadgroup
+    --no-loadscope-reorder`, which hands out tests in this order as workers free up)."""
+    from harness.parallel import plan
+
+    def case_of(item):
+        return getattr(getattr(item, "callspec", None), "params", {}).get("conformance_case")
+    cases = {case_of(i).id: i for i in items if case_of(i) is not None}
+    chains = plan(list(cases), _env_from(config)) if cases else []
+    rank = {cid: n for n, cid in enumerate(c for chain in chains for c in chain)}
+    if config.pluginmanager.hasplugin("xdist"):
+        for chain in (c for c in chains if len(c) > 1):
+            for cid in chain:
+                cases[cid].add_marker(pytest.mark.xdist_group(f"chain:{chain[0]}"))
+        for item in items:  # one worker per module: its module-scoped fixtures (a CLI run, a dry
+            if case_of(item) is None:  # run of gpu-quick) are built once, not once per worker
+                item.add_marker(pytest.mark.xdist_group(f"module:{item.path.name}"))
+    items.sort(key=lambda i: rank[case_of(i).id] if case_of(i) is not None else len(rank))  # stable
+    _slow_cases(config)[:] = [case_of(i) for i in items if case_of(i) is not None and case_of(i).slow]
+
+
 def pytest_generate_tests(metafunc):
     if "conformance_case" not in metafunc.fixturenames:
         return
@@ -140,6 +167,10 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def run_env(pytestconfig):
+    return _env_from(pytestconfig)
+
+
+def _env_from(pytestconfig):
     from harness.optim import DEFAULT_OPTIMIZER
     from harness.runner import RunEnv
     from harness.stack import parse
@@ -184,10 +215,26 @@ def _configure_run_dir(config) -> None:
 
 
 @pytest.fixture
-def shared_arms(monkeypatch):
-    """The session's arm store for this test (harness.trajectories): identical arms train once."""
-    if os.environ.get(SESSION_ARM_STORE):
-        monkeypatch.setenv("HARNESS_ARM_STORE", os.environ[SESSION_ARM_STORE])
+def shared_arms(monkeypatch, request, run_env):
+    """The session's arm store for this test (harness.trajectories): identical arms train once.
+    Before its first slow case, each worker joins in training the arm-seeds of every selected slow
+    case (harness.trajectories.prefill): the workers split them as they free up, so one long case
+    (order-patched-cifar: 9 arm-seeds, 26 min on one core) no longer sets the session's wall time."""
+    if not os.environ.get(SESSION_ARM_STORE):
+        return
+    monkeypatch.setenv("HARNESS_ARM_STORE", os.environ[SESSION_ARM_STORE])
+    case = getattr(getattr(request.node, "callspec", None), "params", {}).get("conformance_case")
+    if case is not None and case.slow and not request.config.stash.get(PREFILLED_KEY, False):
+        request.config.stash[PREFILLED_KEY] = True
+        from harness.trajectories import prefill
+        prefill(_slow_cases(request.config), run_env)
+
+
+def _slow_cases(config) -> list:
+    """The session's selected slow cases (set at collection)."""
+    if SLOW_CASES_KEY not in config.stash:
+        config.stash[SLOW_CASES_KEY] = []
+    return config.stash[SLOW_CASES_KEY]
 
 
 @pytest.fixture

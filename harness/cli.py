@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stacked-seeds", choices=("auto", "off", "force"), default="auto",
                      help="train an arm's seeds as one stacked model where the case allows it (auto: float64 "
                           "statistical step cases on the BN MLP; off: seed by seed; force: exact cases too). "
-                          "metadata.json says per case how its seeds ran (docs/speed.md)")
+                          "metadata.json says per case how its seeds ran (docs/running.md)")
     run.add_argument("--smoke", action="store_true", help="a few steps on tiny data; results, no verdicts")
     run.add_argument("--include-slow", action="store_true", help="with --profile: include slow cases")
     run.add_argument("--data", metavar="DIR", help="CIFAR-10 data root (default: $HARNESS_DATA)")

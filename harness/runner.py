@@ -362,11 +362,13 @@ def set_up_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = N
 
 def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SINGLE, *,
              progress=progress_mod.NULL, resume: dict | None = None, on_epoch=None,
-             timings: list | None = None) -> list[tuple]:
+             timings: list | None = None, only: frozenset[str] | None = None) -> list[tuple]:
     """One seed of a case. Epoch-unit cases: `on_epoch(epoch, rows, capture)` runs after each epoch
     (capture() returns the seed's whole training state), and `resume` (a saved epoch, its rows and
     state) continues a seed from there: set-up is replayed, then the state loaded over it. Every
-    update's wall time is appended to `timings` when given."""
+    update's wall time is appended to `timings` when given. `only`: train just these arms (every
+    arm is still built, so each one's initial model is the one a whole-case run gives it) and put
+    their rows in the arm store (harness.trajectories.prefill)."""
     steps = env.steps_for(case)
     seeded = set_up_seed(case, seed, env, execution)
     gens, source, probe, stack = seeded.gens, seeded.source, seeded.probe, env.stack
@@ -378,13 +380,13 @@ def run_seed(case: Case, seed: int, env: RunEnv, execution: SingleProcess = SING
     execution.attach(arms)
     observers = [measurements.resolve(m) for m in case.measurements]
     store = trajectories.current() if execution is SINGLE else None
-    keys = {a.name: k for a in case.arms if store is not None
+    keys = {a.name: k for a in case.arms if store is not None and (only is None or a.name in only)
             and (k := trajectories.arm_key(case, a, seed, env, _draws(case))) is not None}
     with (store.locked(list(keys.values())) if keys else contextlib.nullcontext()):
         # Arms another case of this run already trained (same key): their rows are reused, and only
         # the others train (the arms were all built above: building consumes the init-noise stream).
         cached = {name: got for name, k in keys.items() if (got := store.get(k, case.id)) is not None}
-        active = {name: a for name, a in arms.items() if name not in cached}
+        active = {name: a for name, a in arms.items() if name not in cached and (only is None or name in only)}
         rows = _train_active(case, seed, env, steps, source, active, gens, probe, observers, execution,
                              progress=progress, resume=resume, on_epoch=on_epoch) if active else []
         for name in active:

@@ -57,6 +57,9 @@ class ArmStore:
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.csv"
 
+    def has(self, key: str) -> bool:
+        return self._path(key).exists()
+
     def get(self, key: str, case_id: str) -> list[tuple] | None:
         """The stored rows of `key`, relabelled to `case_id`; None when not stored (or unreadable)."""
         path = self._path(key)
@@ -88,3 +91,56 @@ class ArmStore:
 def current() -> ArmStore | None:
     path = os.environ.get(STORE_ENV)
     return ArmStore(path) if path else None
+
+
+# ---- prefill: arm-seeds as the units of work of several processes ---------------------------------
+
+def units(cases: list, env) -> list[tuple]:
+    """Every (case, arm, seed, key) that the store can hold for `cases` and that trains seed by seed,
+    each key once, longest first (arm-steps or arm-epochs; ties in case order)."""
+    from harness.runner import _draws
+    from harness.stacked_seeds import why_not
+    seen, out = set(), []
+    for case in cases:
+        if why_not(case, env, env.seeds_for(case)) is None:
+            continue  # its seeds train in one pass, under keys that name them all (arm_key's `stacked`)
+        for seed in env.seeds_for(case):
+            for arm in case.arms:
+                key = arm_key(case, arm, seed, env, _draws(case))
+                if key is not None and key not in seen:
+                    seen.add(key)
+                    out.append((case, arm, seed, key))
+    return sorted(out, key=lambda u: -env.steps_for(u[0]))
+
+
+def prefill(cases: list, env) -> int:
+    """Train into the run's store (`current()`) every arm-seed of `cases` that is neither stored nor being trained by another
+    process (its lock held), longest first; returns how many this process trained. Several processes
+    calling this on the same cases split the arm-seeds between them as they free up, so a case whose
+    arms and seeds add up to more than a worker's share of the run no longer sets its wall time
+    (pytest-xdist hands out whole cases: one 26-minute case on one worker while the other idles).
+    Each arm-seed trains as harness.runner.run_seed trains it within its case (`only`): the rows are
+    the ones the case would compute (tests/test_trajectories.py)."""
+    from filelock import FileLock, Timeout
+
+    from harness.runner import run_seed
+    store = current()
+    if store is None:
+        return 0
+    trained = 0
+    for case, arm, seed, key in units(cases, env):
+        if store.has(key):
+            continue
+        probe = FileLock(str(store.dir / f"{key}.lock"))
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            continue  # another process trains it now
+        probe.release()  # run_seed takes it again (a second lock in one process would wait on itself)
+        if not store.has(key):
+            try:
+                run_seed(case, seed, env, only=frozenset({arm.name}))
+            except Exception:  # noqa: BLE001 - the case itself trains it again and reports the error
+                continue
+            trained += 1
+    return trained

@@ -28,7 +28,7 @@ def test_a_reused_arm_gives_bitwise_the_rows_of_training_it_alone(store, monkeyp
     first = session.execute(registry.get(TRAINS), RunEnv())
     reused = session.execute(registry.get(REUSES), RunEnv())
     assert first.status == reused.status == "ok"
-    assert first.timings["updates"] == 9000 and not reused.timings  # nothing trained the second time
+    assert first.timings["updates"] == 9000 and "updates" not in reused.timings  # nothing trained the second time
     monkeypatch.delenv(trajectories.STORE_ENV)
     alone = session.execute(registry.get(REUSES), RunEnv())
     assert alone.timings["updates"] == 9000
@@ -41,7 +41,7 @@ def test_changing_what_determines_the_arm_trains_it_again(store):
     other_seed = session.execute(registry.get(REUSES), RunEnv(seeds=(7,)))
     assert other_seed.timings["updates"] == 3000  # seed 7 is not in the store: trained
     again = session.execute(registry.get(REUSES), RunEnv(seeds=(7,)))
-    assert not again.timings  # and now it is
+    assert "updates" not in again.timings  # and now it is
 
 
 def test_every_input_of_the_key_changes_it():
@@ -84,3 +84,40 @@ def test_parallel_workers_share_the_store_and_write_what_a_sequential_run_writes
     for name in ("results.csv", "verdicts.csv"):
         assert (tmp_path / "seq" / name).read_bytes() == (tmp_path / "par" / name).read_bytes(), name
     assert not (tmp_path / "par" / "arms").exists()  # a finished run keeps its rows in results.csv only
+
+
+# Prefill: the arm-seeds of slow cases as units of work that processes split (conftest's shared_arms).
+PREFILLED = "batch-cifar-neg-never-anneal"  # two arms (decay_lr, never_anneal); smoke: 3 epochs on 80 images, seed 0
+
+
+def test_prefill_trains_every_arm_seed_once_and_the_case_then_gives_the_rows_of_running_alone(store, monkeypatch):
+    case, env = registry.get(PREFILLED), RunEnv(smoke=True)
+    assert trajectories.prefill([case], env) == 2  # 2 arms x 1 seed
+    assert trajectories.prefill([case], env) == 0  # all stored: nothing left
+    prefilled = session.execute(case, env)
+    assert prefilled.status == "smoke" and "updates" not in prefilled.timings  # it trained nothing itself
+    monkeypatch.delenv(trajectories.STORE_ENV)
+    alone = session.execute(case, env)
+    assert alone.timings["updates"] > 0
+    pd.testing.assert_frame_equal(prefilled.results, alone.results, check_exact=True)
+
+
+def test_prefill_leaves_an_arm_seed_whose_lock_another_process_holds(store):
+    from filelock import FileLock
+    case, env = registry.get(PREFILLED), RunEnv(smoke=True)
+    units = trajectories.units([case], env)
+    assert [(u[1].name, u[2]) for u in units] == [("decay_lr", 0), ("never_anneal", 0)]
+    held = units[0][3]
+    store.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store / f"{held}.lock")):  # a lock on another file descriptor: as another worker's
+        assert trajectories.prefill([case], env) == 1
+    stored = trajectories.current()
+    assert not stored.has(held) and all(stored.has(u[3]) for u in units[1:])
+
+
+def test_prefill_skips_cases_that_stack_their_seeds(store):
+    # Their rows are addressed with the stacked seeds (harness.stacked_seeds): a seed-by-seed unit
+    # would never be reused.
+    case = dataclasses.replace(registry.get("smd-sgd-equilibrium"), steps=1)
+    assert trajectories.units([case], RunEnv()) == []
+    assert len(trajectories.units([case], RunEnv(stacked_seeds="off"))) == 3
