@@ -6,7 +6,6 @@ every finished case and resumes with `run --resume RUN_DIR`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import signal
@@ -207,19 +206,17 @@ def _resume_args(args) -> tuple[argparse.Namespace, dict]:
     return resumed, meta
 
 
-def _finished(run_dir, meta: dict) -> tuple[dict, list, list]:
-    """Statuses and the tables' rows of the cases an earlier (interrupted) run finished."""
+def _finished(run_dir, meta: dict) -> tuple[dict, dict]:
+    """Statuses and tables (results, verdicts), per case, of the cases an earlier (interrupted) run finished."""
     from harness import store
     statuses = dict(meta.get("cases") or {})
-    results, verdicts = [], []
-    if statuses:
-        try:
-            res, ver, _ = store.RunDir(run_dir).read()
-        except FileNotFoundError:
-            return {}, [], []  # killed before its first case was written: start over
-        results.append(res[res.case.isin(statuses)])
-        verdicts.append(ver[ver.case.isin(statuses)])
-    return statuses, results, verdicts
+    if not statuses:
+        return {}, {}
+    try:
+        res, ver, _ = store.RunDir(run_dir).read()
+    except FileNotFoundError:
+        return {}, {}  # killed before its first case was written: start over
+    return statuses, {cid: (res[res.case == cid], ver[ver.case == cid]) for cid in statuses}
 
 
 def _summary(statuses: dict) -> str:
@@ -326,9 +323,9 @@ def cmd_run(args) -> int:
                  stacked_seeds=args.stacked_seeds)
 
     run_dir = store.RunDir(args.out or store.default_run_dir(args.profile))
-    results, verdicts, statuses = [], [], {}
+    statuses, tables = {}, {}  # tables: (results, verdicts) per finished case
     if meta_before is not None:
-        statuses, results, verdicts = _finished(run_dir.path, meta_before)
+        statuses, tables = _finished(run_dir.path, meta_before)
         meta = dict(meta_before, resumed=[*meta_before.get("resumed", []), dict(
             at=store.utc_now(), git_commit=store.git_commit(), device_name=store.device_name(meta_before["device"]))])
         print(f"resuming {run_dir.path}: {len(statuses)} of {len(cases)} cases finished before", file=sys.stderr)
@@ -355,10 +352,8 @@ def cmd_run(args) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     order = [c.id for c in cases]
     by_id = {c.id: c for c in cases}
-    # Tables per finished case, written in case order after every case: the files of a parallel run
-    # are those of a sequential one, and an interrupted run keeps every finished case.
-    tables = {cid: (results[0][results[0].case == cid], verdicts[0][verdicts[0].case == cid])
-              for cid in statuses} if results else {}
+    # The tables are written per finished case, in case order, after every case: the files of a
+    # parallel run are those of a sequential one, and an interrupted run keeps every finished case.
 
     def record(case_id: str, status: str, message: str, trace: str, timings, res, ver, seconds: float) -> None:
         entry = {"status": status, "seconds": round(seconds, 2), "message": message}
@@ -393,11 +388,10 @@ def cmd_run(args) -> int:
                 record(out.case_id, out.status, out.message, out.traceback, out.timings, out.results, out.verdicts,
                        out.seconds)
         for case_id in (todo if jobs == 1 else []):
-            case = by_id[case_id]
+            case, case_env = parallel.resolve_case(case_id, env)  # a matrix cell brings its optimizer
             t0 = time.perf_counter()
-            spec = cell_optimizers.get(case.id)
             outcome = session.execute(
-                case, dataclasses.replace(env, optimizer=spec) if spec else env, checkpoint_dir=checkpoints,
+                case, case_env, checkpoint_dir=checkpoints,
                 make_progress=lambda total, unit, initial, cid=case.id: progress.for_case(cid, total, unit,
                                                                                           initial=initial))
             record(case.id, outcome.status, outcome.message, outcome.traceback, outcome.timings, outcome.results,

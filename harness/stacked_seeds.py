@@ -40,7 +40,7 @@ from harness import progress as progress_mod
 from harness.optim import load_factory
 from harness.runner import ArmState, RunEnv, _draws, _observe, canonical_order, set_up_seed
 from harness.spec import Case
-from harness.vectorized import StackedModels, is_elementwise
+from harness.vectorized import NotElementwise, StackedModels, check_elementwise
 
 MODES = ("auto", "off", "force")
 
@@ -183,13 +183,10 @@ def run(case: Case, seeds: tuple[int, ...], env: RunEnv, *, progress=progress_mo
     set_ups = [set_up_seed(case, seed, env) for seed in seeds]
     factory = load_factory(env.optimizer)
     kwargs = env.kwargs()
-    dtype = getattr(torch, env.dtype_for(case))
-    reasons = []
-    for d in dict.fromkeys((torch.float64, dtype)):
-        ok, why = is_elementwise(factory, kwargs, dtype=d)
-        if not ok:
-            raise Fallback(f"{env.optimizer}: {why}")
-        reasons.append(why)
+    try:
+        elementwise = check_elementwise(factory, kwargs, getattr(torch, env.dtype_for(case)))
+    except NotElementwise as exc:
+        raise Fallback(f"{env.optimizer}: {exc}") from None
     try:
         nets = {a.name: stacked_module([s.models[a.name] for s in set_ups]) for a in case.arms}
     except ValueError as exc:  # the grouped kernel does not cover one of the model's layers
@@ -222,7 +219,7 @@ def run(case: Case, seeds: tuple[int, ...], env: RunEnv, *, progress=progress_mo
     by_seed = {seed: [] for seed in seeds}
     for r in rows:
         by_seed[r[2]].append(r)
-    note = (f"{len(seeds)} seeds in one pass (grouped kernel; {'; '.join(reasons)})")
+    note = f"{len(seeds)} seeds in one pass (grouped kernel; {elementwise})"
     return [r for seed in seeds for r in canonical_order(by_seed[seed], case)], note
 
 

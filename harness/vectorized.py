@@ -161,7 +161,7 @@ class StackedModels:
         return self.logits_class_first(x).transpose(1, 2)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        p, b = self.params, self.buffers
+        p = self.params
         k = x.shape[0]
         h = x.reshape(k, x.shape[1], -1).transpose(1, 2)  # (K, in, B): a strided view, BLAS reads it as is
         for step in self._plan:
@@ -319,6 +319,18 @@ def is_elementwise(factory: Callable, kwargs: dict | None = None, *,
     return _probe(factory, key, dtype)
 
 
+def check_elementwise(factory: Callable, kwargs: dict | None, dtype: torch.dtype) -> str:
+    """The probe in float64 (its resolving power: a norm-dependent rule misses by 1e12 ulps there)
+    and in `dtype` (kernels that exist only for it): the reasons, joined, or NotElementwise."""
+    reasons = []
+    for d in dict.fromkeys((torch.float64, dtype)):
+        ok, why = is_elementwise(factory, kwargs, dtype=d)
+        if not ok:
+            raise NotElementwise(why)
+        reasons.append(why)
+    return "; ".join(reasons)
+
+
 # ---- training -------------------------------------------------------------------------------------
 
 @dataclass
@@ -361,16 +373,11 @@ class StackedTrainer:
 
     def __init__(self, models: Sequence[nn.Module], groups: Sequence[GroupSpec], *,
                  factory: Callable = torch.optim.SGD, optimizer_kwargs: dict | None = None, kernel: str = "auto"):
-        # float64 gives the probe its resolving power (a norm-dependent rule misses by 1e12 ulps there);
-        # the model's own dtype covers kernels that only exist for it.
         dtype = next(models[0].parameters()).dtype
-        reasons = []
-        for d in dict.fromkeys((torch.float64, dtype)):
-            ok, why = is_elementwise(factory, optimizer_kwargs, dtype=d)
-            if not ok:
-                raise NotElementwise(f"{_spec(factory)}: {why}")
-            reasons.append(why)
-        self.elementwise = "; ".join(reasons)  # for the run's metadata
+        try:
+            self.elementwise = check_elementwise(factory, optimizer_kwargs, dtype)  # for the run's metadata
+        except NotElementwise as exc:
+            raise NotElementwise(f"{_spec(factory)}: {exc}") from None
         self.stacked = stack_seeds(models, kernel)
         self.stacked.train(True)
         self.groups = _groups(self.stacked.params, groups)

@@ -7,61 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from harness.checkpoint import STOP_AFTER_ENV
+from cli_process import DATA_ROOT, SMOKE, children, start, stopped_child
 from harness.cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, EXIT_TERMINATED, main
 from harness.parallel import JOBS_ENV, default_jobs
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = ["wdexp-zerobuf-mlp-bn", "wdexp-neg-decoupled-wd", "wdexp-zerobuf-cnn-bn[ln,float64,foreach]",
         "toy-bn-wd-never-converges"]
 EPOCH_CASE = "batch-cifar-increase-batch"
-DATA_ROOT = next((Path(p) for p in (os.environ.get("HARNESS_DATA"), REPO.parent / "shared" / "data")
-                  if p and (Path(p) / "cifar10-jpeg.tar.gz").exists()), None)
-SMOKE = ["--smoke", "--seeds", "0", *(["--data", str(DATA_ROOT)] if DATA_ROOT else [])]
-
-
-def start(*argv, stop_after: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop(JOBS_ENV, None)
-    if stop_after:
-        env[STOP_AFTER_ENV] = str(stop_after)
-    return subprocess.Popen([sys.executable, "-m", "harness", *map(str, argv)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def stopped_child(parent: int, timeout: float = 300) -> int:
-    """The pid of the parent's worker that stopped itself (state T in /proc), waiting for it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent and fields[0] == "T":
-                return int(stat.parent.name)
-        time.sleep(0.2)
-    raise AssertionError("no worker stopped at its checkpoint")
-
-
-def children(parent: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
 
 
 def test_parallel_tables_are_byte_for_byte_those_of_a_sequential_run(tmp_path, capsys):

@@ -21,20 +21,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cli_process import DATA_ROOT, REPO, start
 from harness import progress
 from harness.batch_schedules import BatchSize
-from harness.checkpoint import STOP_AFTER_ENV
 from harness.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_TERMINATED, main
 from harness.runner import RunEnv, run_case
 from harness.schedules import Constant
 from harness.spec import Arm, Case, Group, validate
 from harness.checks import updates_follow_schedule
 
-REPO = Path(__file__).resolve().parent.parent
 EPOCH_CASE = "batch-cifar-increase-batch"
 FAST = "wdexp-thm2.1-mlp-bn"
-DATA_ROOT = next((Path(p) for p in (os.environ.get("HARNESS_DATA"), REPO.parent / "shared" / "data")
-                  if p and (Path(p) / "cifar10-jpeg.tar.gz").exists()), None)
 RUN = ["--smoke", "--seeds", "0", *(["--data", DATA_ROOT] if DATA_ROOT else [])]
 
 
@@ -43,14 +40,6 @@ def _needs_cifar(request):
     if DATA_ROOT is None and "uninterrupted" in request.fixturenames:
         msg = "CIFAR-10 (cifar10-jpeg.tar.gz) not found: set HARNESS_DATA"
         pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
-
-
-def start(*argv, stop_after: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if stop_after:
-        env[STOP_AFTER_ENV] = str(stop_after)
-    return subprocess.Popen([sys.executable, "-m", "harness", *map(str, argv)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_stopped(proc: subprocess.Popen) -> None:
