@@ -78,14 +78,25 @@ class ArmStore:
         df.to_csv(buf, index=False, float_format="%.17g")  # every float64 bit survives the round trip
         atomic_write_text(self._path(key), buf.getvalue())
 
+    def lock(self, key: str):
+        """The key's file lock: one object per path in this process, so a lock this process holds is
+        taken again without waiting (filelock counts) while another process waits for it."""
+        from filelock import FileLock
+        path = str(self.dir / f"{key}.lock")
+        if path not in _LOCKS:
+            _LOCKS[path] = FileLock(path)
+        return _LOCKS[path]
+
     @contextmanager
     def locked(self, keys: list[str]) -> Iterator[None]:
         """Hold the locks of `keys` (in sorted order: two cases never wait on each other)."""
-        from filelock import FileLock
         with ExitStack() as stack:
             for key in sorted(set(keys)):
-                stack.enter_context(FileLock(str(self.dir / f"{key}.lock")))
+                stack.enter_context(self.lock(key))
             yield
+
+
+_LOCKS: dict = {}  # lock path -> FileLock (ArmStore.lock)
 
 
 def current() -> ArmStore | None:
@@ -121,7 +132,7 @@ def prefill(cases: list, env) -> int:
     (pytest-xdist hands out whole cases: one 26-minute case on one worker while the other idles).
     Each arm-seed trains as harness.runner.run_seed trains it within its case (`only`): the rows are
     the ones the case would compute (tests/test_trajectories.py)."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     from harness.runner import run_seed
     store = current()
@@ -131,16 +142,17 @@ def prefill(cases: list, env) -> int:
     for case, arm, seed, key in units(cases, env):
         if store.has(key):
             continue
-        probe = FileLock(str(store.dir / f"{key}.lock"))
+        lock = store.lock(key)
         try:
-            probe.acquire(timeout=0)
+            lock.acquire(timeout=0)
         except Timeout:
             continue  # another process trains it now
-        probe.release()  # run_seed takes it again (a second lock in one process would wait on itself)
-        if not store.has(key):
-            try:
+        try:  # held from here to the stored rows (run_seed takes it again: the same lock, counted)
+            if not store.has(key):
                 run_seed(case, seed, env, only=frozenset({arm.name}))
-            except Exception:  # noqa: BLE001 - the case itself trains it again and reports the error
-                continue
-            trained += 1
+                trained += 1
+        except Exception:  # noqa: BLE001 - the case itself trains it again and reports the error
+            continue
+        finally:
+            lock.release()
     return trained
