@@ -14,9 +14,14 @@ export OMP_NUM_THREADS
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	# torch==2.14.1 / torchvision==0.29.1 (pinned in pyproject.toml) install from the local wheel cache.
-	# --no-compile: no bytecode for the 5.5 GB of packages up front (Python compiles what it imports,
-	# once); measured 69 s -> 45 s for the venv on 2 cores, with the pip upgrade it no longer needs.
+	# Bytecode: pip compiles one file at a time; compileall -j 0 uses every core (14 s on 2 cores).
+	# It must be there: where PYTHONDONTWRITEBYTECODE=1 (this machine, and CI's), Python never caches
+	# what it compiles, and every process, each xdist worker and `harness` call, compiled torch's
+	# sources again: `import torch` 2.8 s -> 1.75 s, `harness run -j 2` of two smoke cases 14.4 s ->
+	# 7.4 s. One file of torch is Python 3.12+ syntax and fails to compile, as under pip: ignored.
 	$(PY) -m pip install --quiet --no-compile -e '.[test]'
+	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+	  >/dev/null 2>&1 || true
 	touch $@
 
 # Main job: the CPU profile, its run directory under runs/ and the HTML report under reports/.
