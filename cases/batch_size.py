@@ -164,7 +164,7 @@ GPU_ARMS = (gpu_arm("original", by="lr"), gpu_arm("increasing_batch", by="batch"
 CASES.append(Case(
     id="batch-gpu-wrn16-4-cifar10", claim=CLAIM, profile="gpu", unit="epoch",
     model=("wrn16_4", {"ghost_batch": 128}),
-    data=("cifar10", {"batch_size": 128, "augment": True}), arms=GPU_ARMS, steps=GPU_EPOCHS, smoke_steps=1,
+    data=("cifar10", {"batch_size": 128, "augment": True, "smoke_per_class": 2}), arms=GPU_ARMS, steps=GPU_EPOCHS, smoke_steps=1,
     seeds=(0,), measurements=MEASUREMENTS, reference_arm="original",
     properties=tuple(p for a in GPU_ARMS[1:] for p in (
         max_difference_below("epoch_loss", a.name, 0.05, steps=(GPU_MILESTONES[0] + 1, None), source=GPU_PROVISIONAL,

@@ -169,7 +169,7 @@ GPU_SOURCE = "issue criterion ±10% for 80% of layers; transient bands provision
 CASES += [
     Case(id="smd-gpu-resnet18-cifar10", claim=CLAIM_SMD, profile="gpu",
          model=("resnet18_cifar", {"classes": 10, "norm_affine": True}),
-         data=("cifar10", {"batch_size": 128, "augment": True}),
+         data=("cifar10", {"batch_size": 128, "augment": True, "smoke_per_class": 2}),
          arms=(arm("sgd", Piecewise((0, GPU_DROP), (0.1, 0.01)), 5e-4, 0.9),),
          steps=40 * GPU_EPOCH, smoke_steps=2, seeds=(0,),
          measurements=(("angular", {"window": 50}), ("loss", {"every": 50}), ("test_acc", {"every": GPU_EPOCH})),

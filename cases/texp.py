@@ -65,7 +65,7 @@ CASES = [
     # the end (after decay seed spread is ~0.3–0.5 points), and c_t to 5%.
     Case(id="texppp-gpu-resnet18-cifar10", claim=CLAIM_TEXPPP, profile="gpu",
          model=("resnet18_cifar", {"classes": 10, "norm_affine": False}),
-         data=("cifar10", {"batch_size": 128, "augment": True}),
+         data=("cifar10", {"batch_size": 128, "augment": True, "smoke_per_class": 2}),
          arms=(Arm("wd", Group(GPU_DECAY, 5e-4, 0.9), Group(GPU_DECAY, 5e-4, 0.9)),
                Arm("exp", Group(TexpPP(GPU_DECAY, 5e-4, 0.9), 0.0, 0.9), Group(GPU_DECAY, 5e-4, 0.9))),
          steps=30 * EPOCH, smoke_steps=2, seeds=(0,),

@@ -163,9 +163,10 @@ CASES = [
                    description="eval mode with running statistics: averages mix iterates of different scale"),
 
     # --- GPU profile ----------------------------------------------------------------------------
+    # smoke_per_class 2 (every GPU case): the CPU dry runs train these nets on 20 images, not 80.
     Case(id="wdexp-gpu-resnet18-cifar10", claim=CLAIM, profile="gpu",
          model=("resnet18_cifar", {"classes": 10, "norm_affine": False}),
-         data=("cifar10", {"batch_size": 128, "augment": True}),
+         data=("cifar10", {"batch_size": 128, "augment": True, "smoke_per_class": 2}),
          arms=(Arm("wd", Group(Constant(0.1), 5e-4, 0.9), Group(Constant(0.1), 5e-4, 0.9)),
                Arm("exp", Group(ExpLR(0.1, 5e-4, 0.9), 0.0, 0.9, initial_buffer=True),
                    Group(Constant(0.1), 5e-4, 0.9))),

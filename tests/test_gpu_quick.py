@@ -34,7 +34,7 @@ def _quick(tmp_path: Path, *, device: str = "cpu", budget_s: float = 60.0) -> gq
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """`python -m harness.gpu_quick OUT --device cpu --smoke` once, as CI runs it (about 30 s)."""
+    """`python -m harness.gpu_quick OUT --device cpu --smoke` once, as CI runs it (about 17 s alone)."""
     out = tmp_path_factory.mktemp("gpu-quick")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
