@@ -13,6 +13,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -125,47 +126,70 @@ def plan(case_ids: list[str], env) -> list[list[str]]:
 def run_parallel(chains: list[list[str]], env, jobs: int, checkpoint_dir: str | None) -> Iterator[WorkerOutcome]:
     """Yield each case's outcome as it finishes (any order). At most `jobs` cases run at once, the
     next case of a chain as soon as its predecessor is done, then the next chain. A worker that
-    dies (killed, out of memory, a segfault in a kernel) ends the cases that were running in error,
-    and a fresh pool runs the rest. On KeyboardInterrupt the workers are stopped before it
-    propagates."""
+    dies (killed, out of memory, a segfault in a kernel) breaks the whole pool, and which worker
+    it was is not knowable from here: the one case that was running ends in error; when several
+    were, each runs again alone, and only one that dies alone ends in error (the others, cut off
+    innocent, give their own outcome). A fresh pool runs the rest. On KeyboardInterrupt the workers
+    are stopped before it propagates."""
     queue = [list(chain) for chain in chains if chain]
-    while queue:
-        pool = ProcessPoolExecutor(max_workers=min(jobs, len(queue)), mp_context=multiprocessing.get_context("spawn"),
+    suspects: list[list[str]] = []  # chains whose running case was cut off with others by a dead worker
+    while queue or suspects:
+        alone = suspects.pop(0) if suspects else None
+        width = 1 if alone else min(jobs, len(queue))
+        pool = ProcessPoolExecutor(max_workers=width, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker)
+        # Every worker started, and running, before any case: with 'spawn' the executor starts one
+        # worker per submit, and its monitor watches only the workers there when it last woke, so
+        # a worker started after that which died went unnoticed until another case finished
+        # (CPython 3.11; measured: a killed worker seen 60 s late, when its neighbour's case ended).
+        wait([pool.submit(os.getpid) for _ in range(width)])
         running: dict[Future, list[str]] = {}  # future -> its chain (the running case first)
-        broken = False
+        cut: list[list[str]] = []  # the chains that were running when the pool broke
         try:
-            while (queue or running) and not broken:
-                while queue and len(running) < jobs:
+            if alone:
+                running[pool.submit(run_one, alone[0], env, checkpoint_dir)] = alone
+            while running or (queue and not alone):
+                while queue and not alone and len(running) < jobs:
                     chain = queue.pop(0)
                     running[pool.submit(run_one, chain[0], env, checkpoint_dir)] = chain
                 done, _ = wait(set(running), return_when=FIRST_COMPLETED)
                 for fut in done:
                     chain = running.pop(fut)
-                    try:
-                        out = fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        # The case that was running ends in error (which worker died is not
-                        # knowable from here); the rest of its chain runs in a fresh pool.
-                        yield WorkerOutcome(chain[0], "error", f"{chain[0]}: a worker process died while it ran "
-                                            f"(killed, out of memory or a crash inside a kernel); rerun it alone to "
-                                            f"see why", "", None, pd.DataFrame(), pd.DataFrame())
-                        if chain[1:]:
-                            queue.insert(0, chain[1:])
+                    if isinstance(fut.exception(), BrokenProcessPool):
+                        cut.append(chain)
                         continue
-                    yield out
+                    yield fut.result()
                     if chain[1:]:
                         queue.insert(0, chain[1:])  # the chain goes on at once: its arms are stored now
+                if cut:
+                    break
         except BaseException:
             _stop(pool)
             raise
-        if broken:
-            for chain in running.values():  # cut off with the pool: not started, or killed with it
-                queue.insert(0, chain)
-            _stop(pool)
-        else:
+        if not cut:
             pool.shutdown(wait=True)
+            continue
+        _stop(pool)
+        for fut, chain in running.items():  # the others: finished just before, or cut off with the pool
+            if fut.done() and not fut.cancelled() and not isinstance(fut.exception(), BrokenProcessPool):
+                yield fut.result()
+                if chain[1:]:
+                    queue.insert(0, chain[1:])
+            else:
+                cut.append(chain)
+        if len(cut) > 1:
+            ids = ", ".join(chain[0] for chain in cut)
+            print(f"harness: a worker process died while {len(cut)} cases ran ({ids}); each runs again alone, "
+                  f"to find which", file=sys.stderr, flush=True)
+            suspects[:0] = cut
+            continue
+        (chain,) = cut
+        where = " alone, run again after a worker died with other cases running" if alone else ""
+        yield WorkerOutcome(chain[0], "error", f"{chain[0]}: a worker process died while it ran{where} (killed, "
+                            f"out of memory or a crash inside a kernel); rerun it alone to see why", "", None,
+                            pd.DataFrame(), pd.DataFrame())
+        if chain[1:]:
+            queue.insert(0, chain[1:])
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

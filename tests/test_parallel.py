@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -48,30 +49,58 @@ def cifar():
         pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
 
 
+def _wait_for_case(out, case_id: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = json.loads((out / "metadata.json").read_text()) if (out / "metadata.json").exists() else {}
+        if case_id in meta.get("cases", {}):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{case_id} did not finish within {timeout} s")
+
+
 def test_a_worker_that_dies_ends_its_case_only(cifar, tmp_path):
     out = tmp_path / "run"
-    proc = start("run", EPOCH_CASE, FAST[0], *SMOKE, "-j", "2", "--out", out, stop_after=1)
-    os.kill(stopped_child(proc.pid), signal.SIGKILL)  # what the OOM killer does
+    proc = start("run", FAST[0], EPOCH_CASE, *SMOKE, "-j", "2", "--out", out, stop_after=1)
+    stopped = stopped_child(proc.pid)
+    _wait_for_case(out, FAST[0])  # the fast case's worker finishes on its own: the epoch case runs alone
+    os.kill(stopped, signal.SIGKILL)  # what the OOM killer does
     stdout, err = proc.communicate(timeout=600)
     assert proc.returncode == EXIT_FAIL, err
     meta = json.loads((out / "metadata.json").read_text())
-    assert list(meta["cases"]) == [EPOCH_CASE, FAST[0]]  # case order, whatever finished first
+    assert list(meta["cases"]) == [FAST[0], EPOCH_CASE]
     assert meta["cases"][EPOCH_CASE]["status"] == "error"
     assert "worker process died" in meta["cases"][EPOCH_CASE]["message"]
     assert meta["cases"][FAST[0]]["status"] == "smoke" and meta["status"] == "finished"
     assert "1 case(s) ended in error" in err
 
 
+def test_a_worker_that_dies_beside_another_case_is_found_by_running_each_alone(tmp_path, monkeypatch):
+    """The plug-in SIGKILLs the worker of the CNN case while the MLP case's worker waits in its 3rd
+    step: the pool breaks with both running. Each runs again alone; only the CNN case, which dies
+    again, ends in error."""
+    plugins = Path(__file__).resolve().parent / "plugins"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("BUGGY_KILL_MARKER", str(tmp_path / "a-worker-was-killed"))
+    cnn, mlp, out = "wdexp-zerobuf-cnn-bn", "wdexp-thm2.1-mlp-bn", tmp_path / "run"
+    proc = start("run", cnn, mlp, "--seeds", "0", "--optimizer", "buggy_optimizers:KillsItsWorkerOnConvNets",
+                 "-j", "2", "--out", out)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == EXIT_FAIL, err
+    assert "a worker process died while 2 cases ran" in err and "each runs again alone" in err, stdout + err
+    meta = json.loads((out / "metadata.json").read_text())
+    assert list(meta["cases"]) == [cnn, mlp] and meta["status"] == "finished"
+    assert meta["cases"][cnn]["status"] == "error"
+    assert "a worker process died while it ran alone" in meta["cases"][cnn]["message"]
+    assert meta["cases"][mlp]["status"] == "ok", meta["cases"][mlp]
+    assert set(pd.read_csv(out / "results.csv").case) == {mlp}
+
+
 def test_sigterm_stops_the_workers_keeps_finished_cases_and_resumes(cifar, tmp_path):
     out = tmp_path / "run"
     proc = start("run", FAST[0], EPOCH_CASE, *SMOKE, "-j", "2", "--out", out, stop_after=1)
     stopped_child(proc.pid)
-    deadline = time.monotonic() + 120  # the fast case's worker finishes on its own
-    while time.monotonic() < deadline:
-        meta = json.loads((out / "metadata.json").read_text()) if (out / "metadata.json").exists() else {}
-        if FAST[0] in meta.get("cases", {}):
-            break
-        time.sleep(0.2)
+    _wait_for_case(out, FAST[0])  # the fast case's worker finishes on its own
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_TERMINATED, err

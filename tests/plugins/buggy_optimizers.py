@@ -3,6 +3,11 @@ failure handling (tests/test_failing_optimizer.py runs them through the real CLI
 PYTHONPATH). Each is otherwise torch.optim.SGD, so everything before the failure is ordinary."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import torch
 
 
@@ -61,3 +66,32 @@ class StateDictRaises(torch.optim.SGD):
 
     def state_dict(self):
         raise RuntimeError("planted: no state_dict")
+
+
+KILL_MARKER_ENV = "BUGGY_KILL_MARKER"
+
+
+class KillsItsWorkerOnConvNets(torch.optim.SGD):
+    """At its 3rd step, on a conv net (a 4-dim weight), SIGKILLs its own process: what the OOM
+    killer or a segfault inside a kernel does to a `run -j` worker. So that under `run -j 2` a
+    second case is certainly running when that happens, the first process to reach its 3rd step on
+    any other net creates $BUGGY_KILL_MARKER and waits there (60 s at most) to be cut off with the
+    pool, and the conv net waits for that marker before it dies; later processes (each case run
+    again alone) find the marker: the conv net dies at once, the other net trains as under SGD."""
+
+    def step(self, closure=None):
+        self._calls = getattr(self, "_calls", 0) + 1
+        if self._calls == 3:
+            marker = Path(os.environ[KILL_MARKER_ENV])
+            if any(p.dim() == 4 for group in self.param_groups for p in group["params"]):
+                deadline = time.monotonic() + 60
+                while not marker.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                time.sleep(60)
+        return super().step(closure)
