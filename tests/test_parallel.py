@@ -75,19 +75,18 @@ def test_a_worker_that_dies_ends_its_case_only(cifar, tmp_path):
     assert "1 case(s) ended in error" in err
 
 
-def test_a_worker_that_dies_beside_another_case_is_found_by_running_each_alone(tmp_path, monkeypatch):
+def test_a_worker_that_dies_beside_another_case_is_found_by_running_each_alone(tmp_path, monkeypatch, capsys):
     """The plug-in SIGKILLs the worker of the CNN case while the MLP case's worker waits in its 3rd
     step: the pool breaks with both running. Each runs again alone; only the CNN case, which dies
     again, ends in error."""
-    plugins = Path(__file__).resolve().parent / "plugins"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "plugins"))  # spawned workers get sys.path
     monkeypatch.setenv("BUGGY_KILL_MARKER", str(tmp_path / "a-worker-was-killed"))
     cnn, mlp, out = "wdexp-zerobuf-cnn-bn", "wdexp-thm2.1-mlp-bn", tmp_path / "run"
-    proc = start("run", cnn, mlp, "--seeds", "0", "--optimizer", "buggy_optimizers:KillsItsWorkerOnConvNets",
-                 "-j", "2", "--out", out)
-    stdout, err = proc.communicate(timeout=600)
-    assert proc.returncode == EXIT_FAIL, err
-    assert "a worker process died while 2 cases ran" in err and "each runs again alone" in err, stdout + err
+    rc = main(["run", cnn, mlp, "--seeds", "0", "--optimizer", "buggy_optimizers:KillsItsWorkerOnConvNets",
+               "-j", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_FAIL, err
+    assert "a worker process died while 2 cases ran" in err and "each runs again alone" in err, err
     meta = json.loads((out / "metadata.json").read_text())
     assert list(meta["cases"]) == [cnn, mlp] and meta["status"] == "finished"
     assert meta["cases"][cnn]["status"] == "error"
