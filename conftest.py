@@ -129,6 +129,11 @@ def pytest_xdist_auto_num_workers(config):
     return auto_workers(gpu_count(), config.getoption("markexpr"), config.getoption("--device"))
 
 
+def _case_of(item):
+    """The Case a `test_case[...]` item runs (None for any other test)."""
+    return getattr(getattr(item, "callspec", None), "params", {}).get("conformance_case")
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: only the tests that will run
 def pytest_collection_modifyitems(config, items):
     """The case tests first, in `harness run -j`'s plan (harness.parallel.plan): cases that share
@@ -138,9 +143,7 @@ def pytest_collection_modifyitems(config, items):
     --no-loadscope-reorder`, which hands out tests in this order as workers free up)."""
     from harness.parallel import plan
 
-    def case_of(item):
-        return getattr(getattr(item, "callspec", None), "params", {}).get("conformance_case")
-    cases = {case_of(i).id: i for i in items if case_of(i) is not None}
+    cases = {_case_of(i).id: i for i in items if _case_of(i) is not None}
     chains = plan(list(cases), _env_from(config)) if cases else []
     rank = {cid: n for n, cid in enumerate(c for chain in chains for c in chain)}
     if config.pluginmanager.hasplugin("xdist"):
@@ -148,10 +151,10 @@ def pytest_collection_modifyitems(config, items):
             for cid in chain:
                 cases[cid].add_marker(pytest.mark.xdist_group(f"chain:{chain[0]}"))
         for item in items:  # one worker per module: its module-scoped fixtures (a CLI run, a dry
-            if case_of(item) is None:  # run of gpu-quick) are built once, not once per worker
+            if _case_of(item) is None:  # run of gpu-quick) are built once, not once per worker
                 item.add_marker(pytest.mark.xdist_group(f"module:{item.path.name}"))
-    items.sort(key=lambda i: rank[case_of(i).id] if case_of(i) is not None else len(rank))  # stable
-    _slow_cases(config)[:] = [case_of(i) for i in items if case_of(i) is not None and case_of(i).slow]
+    items.sort(key=lambda i: rank[_case_of(i).id] if _case_of(i) is not None else len(rank))  # stable
+    _slow_cases(config)[:] = [_case_of(i) for i in items if _case_of(i) is not None and _case_of(i).slow]
 
 
 def pytest_generate_tests(metafunc):
@@ -223,7 +226,7 @@ def shared_arms(monkeypatch, request, run_env):
     if not os.environ.get(SESSION_ARM_STORE):
         return
     monkeypatch.setenv("HARNESS_ARM_STORE", os.environ[SESSION_ARM_STORE])
-    case = getattr(getattr(request.node, "callspec", None), "params", {}).get("conformance_case")
+    case = _case_of(request.node)
     if case is not None and case.slow and not request.config.stash.get(PREFILLED_KEY, False):
         request.config.stash[PREFILLED_KEY] = True
         from harness.trajectories import prefill
