@@ -1,6 +1,7 @@
 """Optimizers that fail in the ways a real plug-in can: the system under test for the harness's own
-failure handling (tests/test_failing_optimizer.py runs them through the real CLI, this folder on
-PYTHONPATH). Each is otherwise torch.optim.SGD, so everything before the failure is ordinary."""
+failure handling (tests/test_failing_optimizer.py and tests/test_parallel.py run them through the
+real CLI, this folder on the path). Each is otherwise torch.optim.SGD, so everything before the
+failure is ordinary."""
 from __future__ import annotations
 
 import os
