@@ -153,6 +153,10 @@ def run_parallel(chains: list[list[str]], env, jobs: int, checkpoint_dir: str | 
                     chain = queue.pop(0)
                     running[pool.submit(run_one, chain[0], env, checkpoint_dir)] = chain
                 done, _ = wait(set(running), return_when=FIRST_COMPLETED)
+                if any(isinstance(fut.exception(), BrokenProcessPool) for fut in done):
+                    # A broken pool fails every future it still holds at once; those that finished
+                    # just before keep their outcome. The timeout only guards against a hang.
+                    done, _ = wait(set(running), timeout=60)
                 for fut in done:
                     chain = running.pop(fut)
                     if isinstance(fut.exception(), BrokenProcessPool):
@@ -162,6 +166,7 @@ def run_parallel(chains: list[list[str]], env, jobs: int, checkpoint_dir: str | 
                     if chain[1:]:
                         queue.insert(0, chain[1:])  # the chain goes on at once: its arms are stored now
                 if cut:
+                    cut += running.values()  # none left, unless the timeout above ran out
                     break
         except BaseException:
             _stop(pool)
@@ -170,13 +175,6 @@ def run_parallel(chains: list[list[str]], env, jobs: int, checkpoint_dir: str | 
             pool.shutdown(wait=True)
             continue
         _stop(pool)
-        for fut, chain in running.items():  # the others: finished just before, or cut off with the pool
-            if fut.done() and not fut.cancelled() and not isinstance(fut.exception(), BrokenProcessPool):
-                yield fut.result()
-                if chain[1:]:
-                    queue.insert(0, chain[1:])
-            else:
-                cut.append(chain)
         if len(cut) > 1:
             ids = ", ".join(chain[0] for chain in cut)
             print(f"harness: a worker process died while {len(cut)} cases ran ({ids}); each runs again alone, "
